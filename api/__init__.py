@@ -1,0 +1,1 @@
+"""The ORCA HTTP service: FastAPI app, settings, database models, storage and routes."""

@@ -1,0 +1,90 @@
+"""One Settings object, read once from the environment (prefix ``ORCA_``) and ``.env``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every path, URL and limit lives here, nowhere else."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCA_", env_file=".env", extra="ignore")
+
+    # Where the embedded default keeps everything (SQLite file, broker file, blobs, checkpoints).
+    data_dir: Path = Field(default=Path("var"), description="root of local state")
+    # Empty means the embedded default under data_dir: SQLite for state, SQLite broker for Celery.
+    database_url: str = ""
+    broker_url: str = ""
+    storage_dir: Path | None = None  # default: data_dir / "storage"
+
+    # Directories a task spec may name as a local backbone (`backbone: "<dir>"`, `hf:<dir>`, ...).
+    model_dirs: list[Path] = Field(default_factory=list)
+    # Source-proxy feature cache (per backbone and proxy).
+    proxy_cache_dir: Path | None = None  # default: data_dir / "proxy-cache"
+
+    # Upload limits (SPEC §3 defaults).
+    max_upload_bytes: int = 2 * GiB
+    max_decompressed_bytes: int = 4 * GiB
+    max_npz_members: int = 64
+    max_csv_rows: int = 5_000_000
+    max_csv_columns: int = 100_000
+
+    # Per-tenant limits.
+    max_concurrent_jobs_per_tenant: int = 4
+    max_storage_bytes_per_tenant: int = 50 * GiB
+    predict_rate_per_minute: int = 6000
+
+    # Prediction serving.
+    predict_cache_size: int = 4
+    predict_batch_window_ms: float = 5.0
+    predict_max_batch: int = 64
+    predict_max_inputs: int = 4096
+
+    # Workers.
+    worker_heartbeat_seconds: float = 10.0
+    worker_lost_after_seconds: float = 120.0
+    job_max_attempts: int = 3
+
+    # The port /metrics is also served on; None = only on the main app.
+    metrics_port: int | None = None
+
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        # Accept "a:b" or "a,b" from the environment as well as a JSON list.
+        if isinstance(value, str):
+            parts = [p for chunk in value.split(",") for p in chunk.split(":")]
+            return [Path(p) for p in parts if p.strip()]
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'orca.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    @property
+    def resolved_proxy_cache_dir(self) -> Path:
+        return (self.proxy_cache_dir or self.data_dir / "proxy-cache").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests clear the cache to change them)."""
+    return Settings()

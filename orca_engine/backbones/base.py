@@ -1,0 +1,106 @@
+"""The one surface every backbone exposes, and the registry/factory that builds them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from orca_engine.errors import BackboneUnavailable
+
+
+class Backbone(nn.Module):
+    """A pretrained encoder seen through ORCA's eyes.
+
+    The task-specific embedder produces ``(B, T, embed_dim)`` tokens in the same space as the
+    output of the backbone's *own* input embedding layer; :meth:`forward` runs the encoder body on
+    them. :meth:`embed_source` runs that own input embedding layer on the backbone's native inputs
+    (token ids for text, images for vision) so a source proxy lands in the same space.
+    """
+
+    family: ClassVar[str] = "text"  # "text" or "vision"
+
+    #: registry id that rebuilds this backbone, e.g. "minilm-l6", "hf:/models/roberta"
+    name: str
+    #: width of the tokens forward() takes
+    embed_dim: int
+    #: width of what forward() returns
+    output_dim: int
+    #: most tokens forward() accepts in one sequence
+    max_tokens: int
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Encode ``(B, T, embed_dim)`` tokens to ``(B, T_out, output_dim)`` hidden states.
+
+        ``grid`` is the (rows, cols) layout of the T tokens for 2D inputs, None for sequences.
+        """
+        raise NotImplementedError
+
+    def output_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The token grid of :meth:`forward`'s output for an input grid (differs for Swin)."""
+        return grid
+
+    def position_embeddings(
+        self, n_tokens: int, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
+        """Pretrained positions ``(n_tokens, embed_dim)`` to initialise an embedder with.
+
+        None when the body adds positions itself (relative-position models such as Swin).
+        """
+        raise NotImplementedError
+
+    def embed_source(self, inputs: Any) -> torch.Tensor:
+        """Run the backbone's own input embedding layer on native inputs -> ``(B, T, embed_dim)``."""
+        raise NotImplementedError
+
+    def layernorm_parameter_names(self) -> list[str]:
+        """Names (as in ``named_parameters()``) of every LayerNorm weight and bias."""
+        return [
+            f"{module_name}.{param_name}" if module_name else param_name
+            for module_name, module in self.named_modules()
+            if isinstance(module, nn.LayerNorm)
+            for param_name, _ in module.named_parameters(recurse=False)
+        ]
+
+    def rebuild_config(self) -> dict[str, Any]:
+        """JSON-able dict with which ``create_backbone(name, pretrained=False, config=...)``
+        rebuilds this architecture (weights then come from the checkpoint)."""
+        raise NotImplementedError
+
+
+BackboneFactory = Callable[..., Backbone]
+
+_REGISTRY: dict[str, BackboneFactory] = {}
+_PREFIX_REGISTRY: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str, *, prefix: bool = False) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Register a factory under ``name`` (or, with ``prefix=True``, for every ``name:<arg>`` id)."""
+
+    def decorator(factory: BackboneFactory) -> BackboneFactory:
+        table = _PREFIX_REGISTRY if prefix else _REGISTRY
+        if name in table:
+            raise ValueError(f"backbone {name!r} registered twice")
+        table[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    """Registered exact names, then the prefixes as ``prefix:<arg>``."""
+    return sorted(_REGISTRY) + sorted(f"{p}:<arg>" for p in _PREFIX_REGISTRY)
+
+
+def create_backbone(name: str, **kwargs: Any) -> Backbone:
+    """Build a registered backbone by id (``minilm-l6``, ``hf:<dir>``, ``timm:<arch>[@<weights>]``)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name](**kwargs)
+    prefix, sep, arg = name.partition(":")
+    if sep and prefix in _PREFIX_REGISTRY:
+        return _PREFIX_REGISTRY[prefix](arg, **kwargs)
+    raise BackboneUnavailable(
+        f"unknown backbone {name!r}; known: {', '.join(list_backbones())}", param="backbone"
+    )
