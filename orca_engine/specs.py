@@ -1,0 +1,412 @@
+"""The task spec a user submits (SPEC §4) and its resolution into concrete hyperparameters.
+
+:class:`JobSpec` is what ``POST /v1/jobs`` accepts: every model forbids unknown fields and bounds
+every number, so a bad request is refused with the field path named. :func:`resolve_spec` turns
+each ``auto`` into a concrete value derived from the dataset and the device, and records one line
+per choice in ``ResolvedSpec.reasons`` so a user can see why.
+
+Defaults aim at a CPU job on a small dataset finishing in minutes:
+
+* ``token_budget``: 64 tokens per sample on CPU, 128 on CUDA (the embedder and backbone may cap
+  it further, e.g. to the backbone's 512 positions or to the sample's length);
+* ``batch_size``: ``clip(n_train // 8, 8, 64)``, never more than the training rows;
+* ``finetune_epochs``: enough epochs for ~500 optimisation steps on CPU (~2000 on CUDA),
+  between 3 and 100 (early stopping usually ends sooner);
+* ``lr``: AdamW 1e-4 for full fine-tuning, 1e-3 when only LayerNorms or the head train; SGD 10x;
+* ``align_epochs``: at most 30 on CPU / 60 on CUDA, stopping when the distance plateaus.
+
+numpy / pydantic only (no torch): the API validates specs with it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from orca_engine.data import DatasetInfo, compatible_task_types
+from orca_engine.errors import SpecError
+from orca_engine.metrics import METRICS_FOR_TASK, default_metric
+
+TaskType = Literal[
+    "classification", "multilabel", "regression", "dense_regression", "dense_classification"
+]
+Metric = Literal["accuracy", "macro_f1", "auroc", "map", "mse", "rmse", "mae", "relative_l2"]
+Distance = Literal["otdd", "otdd_gaussian", "ot", "mmd", "l2", "cosine", "none"]
+FinetuneMode = Literal["full", "layernorm", "frozen"]
+Optimizer = Literal["adamw", "sgd"]
+
+MAX_SEED = 2**31 - 1
+DEFAULT_TEXT_BACKBONE = "minilm-l6"
+#: registry ids whose backbone is a vision model (``timm:<arch>`` ones are too)
+VISION_BACKBONES = frozenset({"tiny-vit", "tiny-swin"})
+#: most positions the default backbone (MiniLM, BERT) has
+BACKBONE_MAX_POSITIONS = 512
+
+# Resolution constants (documented in the module docstring).
+TOKEN_BUDGET = {"cpu": 64, "cuda": 128}
+TARGET_STEPS = {"cpu": 500, "cuda": 2000}
+ALIGN_EPOCH_CAP = {"cpu": 30, "cuda": 60}
+MIN_FINETUNE_EPOCHS, MAX_FINETUNE_EPOCHS = 3, 100
+MIN_BATCH, MAX_BATCH = 8, 64
+ADAMW_LR = {"full": 1e-4, "layernorm": 1e-3, "frozen": 1e-3}
+SGD_LR_FACTOR = 10.0
+EMBEDDER_LR = 1e-3
+WEIGHT_DECAY = {"adamw": 0.01, "sgd": 0.0}
+WARMUP_FRACTION = 0.05
+# Share of train held out for validation when the upload has none (load_dataset's default).
+VAL_FRACTION = 0.2
+
+_Strict = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _auto_or_number(
+    value: Any, *, kind: type, low: float, high: float, low_exclusive: bool = False
+) -> Any:
+    """Accept ``"auto"`` or a number of ``kind`` in range, with one clear message otherwise."""
+    if value == "auto":
+        return value
+    low_text = f"greater than {low:g}" if low_exclusive else f"at least {low:g}"
+    expected = (
+        f"'auto' or {'an integer' if kind is int else 'a number'} {low_text} and at most {high:g}"
+    )
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    valid = is_number and not (kind is int and isinstance(value, float) and not value.is_integer())
+    if valid:
+        too_low = value <= low if low_exclusive else value < low
+        valid = not too_low and value <= high and math.isfinite(value)
+    if not valid:
+        raise PydanticCustomError(
+            "auto_or_number",
+            "must be {expected}, got {value}",
+            {"expected": expected, "value": repr(value)},
+        )
+    return int(value) if kind is int else float(value)
+
+
+def _reject_control_characters(value: str) -> str:
+    if any(ord(char) < 32 for char in value):
+        raise PydanticCustomError("control_characters", "must not contain control characters")
+    return value
+
+
+class TaskConfig(BaseModel):
+    """What to learn and which validation metric selects the checkpoint."""
+
+    model_config = _Strict
+
+    # One Literal (nested ones flatten) so a bad value yields one error listing every choice.
+    type: Literal["auto", TaskType] = "auto"
+    metric: Literal["auto", Metric] = "auto"
+
+
+class AlignmentConfig(BaseModel):
+    """Stage 2: train the embedder to match a source proxy under a dataset distance."""
+
+    model_config = _Strict
+
+    distance: Distance = "otdd"
+    source: Annotated[str, Field(min_length=1, max_length=1000)] = "auto"
+    epochs: Literal["auto"] | Annotated[int, Field(ge=0, le=10_000)] = "auto"
+    max_samples: Annotated[int, Field(ge=10, le=100_000, strict=True)] = 5000
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _check_epochs(cls, value: Any) -> Any:
+        return _auto_or_number(value, kind=int, low=0, high=10_000)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        return _reject_control_characters(value)
+
+
+class FinetuneConfig(BaseModel):
+    """Stage 3: fine-tune on the task loss."""
+
+    model_config = _Strict
+
+    mode: FinetuneMode = "full"
+    epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=10_000)] = "auto"
+    lr: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = "auto"
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)] = "auto"
+    optimizer: Optimizer = "adamw"
+    early_stopping_patience: Annotated[int, Field(ge=0, le=1000, strict=True)] = 10
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _check_epochs(cls, value: Any) -> Any:
+        return _auto_or_number(value, kind=int, low=1, high=10_000)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _check_lr(cls, value: Any) -> Any:
+        return _auto_or_number(value, kind=float, low=0, high=1, low_exclusive=True)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _check_batch_size(cls, value: Any) -> Any:
+        return _auto_or_number(value, kind=int, low=1, high=4096)
+
+
+class JobSpec(BaseModel):
+    """The body of ``POST /v1/jobs`` (SPEC §4). Every field but ``dataset_id`` has a default."""
+
+    model_config = _Strict
+
+    dataset_id: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(max_length=200)] | None = None
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    backbone: Annotated[str, Field(min_length=1, max_length=1000)] = "auto"
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)] = 0
+    queue: Literal["auto", "gpu", "cpu"] = "auto"
+    allow_random_init: Annotated[bool, Field(strict=True)] = False
+
+    @field_validator("backbone", "name")
+    @classmethod
+    def _check_text(cls, value: str | None) -> str | None:
+        return None if value is None else _reject_control_characters(value)
+
+
+class ResolvedSpec(BaseModel):
+    """A job's hyperparameters with every ``auto`` made concrete; stored with the job and bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_type: TaskType
+    metric: Metric
+    backbone: str
+    source: str
+    distance: Distance
+    align_epochs: Annotated[int, Field(ge=0)]
+    align_auto: bool
+    max_samples: Annotated[int, Field(ge=1)]
+    finetune_mode: FinetuneMode
+    finetune_epochs: Annotated[int, Field(ge=1)]
+    lr: Annotated[float, Field(gt=0)]
+    embedder_lr: Annotated[float, Field(gt=0)]
+    batch_size: Annotated[int, Field(ge=1)]
+    optimizer: Optimizer
+    weight_decay: Annotated[float, Field(ge=0)]
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)]
+    early_stopping_patience: Annotated[int, Field(ge=0)]
+    token_budget: Annotated[int, Field(ge=1)]
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
+    allow_random_init: bool = False
+    reasons: dict[str, str] = Field(default_factory=dict)
+    dataset_id: str | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResolvedSpec:
+        return cls.model_validate(data)
+
+
+def validation_issues(exc: ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as ``{"field": "finetune.lr", "message": ...}`` lines a user can act on."""
+    issues = []
+    for error in exc.errors(include_url=False):
+        # Drop the union-member tags pydantic appends to the location ("int", "literal['auto']").
+        path = [str(part) for part in error["loc"] if not _is_union_tag(part)]
+        field_path = ".".join(path) or "body"
+        if error["type"] == "extra_forbidden":
+            message = f"unknown field {field_path!r}"
+        elif error["type"] == "missing":
+            message = f"{field_path} is required"
+        else:
+            message = f"{field_path}: {error['msg']}"
+        issues.append({"field": field_path, "message": message})
+    return issues
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part in ("int", "float", "str", "bool", "constrained-int", "constrained-float")
+        or part.startswith(("literal[", "function-"))
+    )
+
+
+def parse_spec(data: dict[str, Any] | JobSpec) -> JobSpec:
+    """A :class:`JobSpec` from a dict, raising :class:`SpecError` naming the first bad field."""
+    if isinstance(data, JobSpec):
+        return data
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        issues = validation_issues(exc)
+        message = "; ".join(issue["message"] for issue in issues)
+        raise SpecError(message, param=issues[0]["field"] if issues else None) from exc
+
+
+def backbone_family(name: str) -> str:
+    """``"vision"`` for ``timm:`` ids and the tiny ViT/Swin, ``"text"`` for everything else."""
+    return "vision" if name.startswith("timm:") or name in VISION_BACKBONES else "text"
+
+
+def _device_kind(device: str) -> str:
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+def effective_train_size(info: DatasetInfo, val_fraction: float = VAL_FRACTION) -> int:
+    """Training rows once a validation share is held out (when the upload has no val split)."""
+    n_train = int(info.splits.get("train", 0))
+    if info.has_val or int(info.splits.get("val", 0)) > 0:
+        return max(1, n_train)
+    return max(1, n_train - max(1, round(n_train * val_fraction)))
+
+
+def _check_compatibility(spec: JobSpec, info: DatasetInfo, task_type: str, metric: str) -> None:
+    allowed_tasks = compatible_task_types(info)
+    if task_type not in allowed_tasks:
+        dense_asked = task_type.startswith("dense_")
+        dense_labels = info.task_type.startswith("dense_")
+        if dense_asked and not dense_labels:
+            why = "dense tasks need a per-position label map with the spatial shape of x"
+        elif dense_labels and not dense_asked:
+            why = "the labels are per-position maps, so the task must be dense"
+        else:
+            why = f"the labels look like {info.task_type} ({info.label_kind} values)"
+        raise SpecError(
+            f"task type {task_type!r} does not fit this dataset: {why}; possible: "
+            f"{', '.join(allowed_tasks)}",
+            param="task.type",
+        )
+    if metric not in METRICS_FOR_TASK[task_type]:
+        raise SpecError(
+            f"metric {metric!r} does not apply to {task_type}; choose one of "
+            f"{', '.join(METRICS_FOR_TASK[task_type])}",
+            param="task.metric",
+        )
+    if spec.alignment.distance == "none" and spec.alignment.epochs not in ("auto", 0):
+        raise SpecError(
+            "alignment.distance 'none' skips alignment, so alignment.epochs must be 'auto' or 0",
+            param="alignment.epochs",
+        )
+
+
+def resolve_spec(
+    spec: JobSpec | dict[str, Any],
+    info: DatasetInfo,
+    *,
+    device: str = "cpu",
+    vision_backbone: str | None = None,
+) -> ResolvedSpec:
+    """Every ``auto`` in ``spec`` made concrete for this dataset and device, with reasons.
+
+    ``vision_backbone`` (a registry id) is the default backbone for image inputs when the service
+    has one; otherwise every modality defaults to the text backbone (ORCA's cross-modal setting).
+    Raises :class:`SpecError` (``param`` names the field) for impossible combinations.
+    """
+    spec = parse_spec(spec)
+    kind = _device_kind(device)
+    reasons: dict[str, str] = {}
+
+    task_type: str = spec.task.type
+    if task_type == "auto":
+        task_type = info.task_type
+        reasons["task_type"] = (
+            f"inferred from the labels ({info.label_kind} values, shape {list(info.label_shape)})"
+        )
+    metric: str = spec.task.metric
+    if metric == "auto":
+        metric = default_metric(task_type)
+        reasons["metric"] = f"default for {task_type}"
+    _check_compatibility(spec, info, task_type, metric)
+
+    backbone = spec.backbone
+    if backbone == "auto":
+        if info.input_kind == "image2d" and vision_backbone:
+            backbone = vision_backbone
+            reasons["backbone"] = "image inputs and a vision backbone is available"
+        else:
+            backbone = DEFAULT_TEXT_BACKBONE
+            reasons["backbone"] = (
+                f"default pretrained backbone ({DEFAULT_TEXT_BACKBONE}); ORCA transfers it to "
+                f"{info.input_kind} inputs"
+            )
+    family = backbone_family(backbone)
+    source = spec.alignment.source
+    if source == "auto":
+        source = "natural-images" if family == "vision" else "english-text"
+        reasons["source"] = f"proxy matching the {family} backbone's pretraining data"
+
+    distance = spec.alignment.distance
+    if distance == "none":
+        align_epochs, align_auto = 0, False
+        reasons["align_epochs"] = "distance 'none' skips embedder alignment"
+    elif spec.alignment.epochs == "auto":
+        align_epochs, align_auto = ALIGN_EPOCH_CAP[kind], True
+        reasons["align_epochs"] = (
+            f"up to {align_epochs} epochs on {kind}, stopping early when the distance plateaus"
+        )
+    else:
+        align_epochs, align_auto = int(spec.alignment.epochs), False
+
+    n_train = effective_train_size(info)
+    batch_size: int | str = spec.finetune.batch_size
+    if batch_size == "auto":
+        batch_size = min(max(n_train // 8, MIN_BATCH), MAX_BATCH, n_train)
+        reasons["batch_size"] = (
+            f"clip(n_train // 8, {MIN_BATCH}, {MAX_BATCH}) for {n_train} training samples"
+        )
+    finetune_epochs = spec.finetune.epochs
+    if finetune_epochs == "auto":
+        steps_per_epoch = math.ceil(n_train / int(batch_size))
+        wanted = math.ceil(TARGET_STEPS[kind] / steps_per_epoch)
+        finetune_epochs = min(max(wanted, MIN_FINETUNE_EPOCHS), MAX_FINETUNE_EPOCHS)
+        reasons["finetune_epochs"] = (
+            f"about {TARGET_STEPS[kind]} optimisation steps on {kind} at {steps_per_epoch} steps "
+            f"per epoch, within [{MIN_FINETUNE_EPOCHS}, {MAX_FINETUNE_EPOCHS}]"
+        )
+    mode = spec.finetune.mode
+    optimizer = spec.finetune.optimizer
+    lr = spec.finetune.lr
+    if lr == "auto":
+        lr = ADAMW_LR[mode] * (SGD_LR_FACTOR if optimizer == "sgd" else 1.0)
+        trained = {
+            "full": "all weights train",
+            "layernorm": "only LayerNorms, embedder and head train",
+            "frozen": "only the head trains",
+        }[mode]
+        reasons["lr"] = f"{optimizer} with mode {mode} ({trained})"
+    token_budget = min(TOKEN_BUDGET[kind], BACKBONE_MAX_POSITIONS)
+    reasons["token_budget"] = (
+        f"{token_budget} tokens per sample on {kind} (the embedder may use fewer)"
+    )
+    reasons["embedder_lr"] = "fixed learning rate for training the embedder during alignment"
+    reasons["weight_decay"] = f"standard for {optimizer}"
+
+    return ResolvedSpec.model_validate(
+        dict(
+            task_type=task_type,
+            metric=metric,
+            backbone=backbone,
+            source=source,
+            distance=distance,
+            align_epochs=align_epochs,
+            align_auto=align_auto,
+            max_samples=spec.alignment.max_samples,
+            finetune_mode=mode,
+            finetune_epochs=int(finetune_epochs),
+            lr=float(lr),
+            embedder_lr=EMBEDDER_LR,
+            batch_size=int(batch_size),
+            optimizer=optimizer,
+            weight_decay=WEIGHT_DECAY[optimizer],
+            warmup_fraction=WARMUP_FRACTION,
+            early_stopping_patience=spec.finetune.early_stopping_patience,
+            token_budget=token_budget,
+            seed=spec.seed,
+            allow_random_init=spec.allow_random_init,
+            reasons=reasons,
+            dataset_id=spec.dataset_id,
+            name=spec.name,
+        )
+    )
