@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -42,6 +43,17 @@ class Backbone(nn.Module):
         """The token grid of :meth:`forward`'s output for an input grid (differs for Swin)."""
         return grid
 
+    def output_stride(self) -> int:
+        """How many input tokens per side one output token covers (1, or 2**(stages-1) for Swin)."""
+        return 1
+
+    def sequence_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        """The 2D layout a grid-only body (Swin) gives a 1D sequence of ``n_tokens``.
+
+        None when the body takes token sequences as they are (text encoders, ViT).
+        """
+        return None
+
     def position_embeddings(
         self, n_tokens: int, grid: tuple[int, int] | None = None
     ) -> torch.Tensor | None:
@@ -70,13 +82,22 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+def square_grid(n_tokens: int) -> tuple[int, int]:
+    """The most nearly square (rows, cols) grid with at least ``n_tokens`` cells, row-major."""
+    rows = max(1, math.isqrt(max(n_tokens, 1)))
+    cols = -(-n_tokens // rows)
+    return rows, max(cols, 1)
+
+
 BackboneFactory = Callable[..., Backbone]
 
 _REGISTRY: dict[str, BackboneFactory] = {}
 _PREFIX_REGISTRY: dict[str, BackboneFactory] = {}
 
 
-def register_backbone(name: str, *, prefix: bool = False) -> Callable[[BackboneFactory], BackboneFactory]:
+def register_backbone(
+    name: str, *, prefix: bool = False
+) -> Callable[[BackboneFactory], BackboneFactory]:
     """Register a factory under ``name`` (or, with ``prefix=True``, for every ``name:<arg>`` id)."""
 
     def decorator(factory: BackboneFactory) -> BackboneFactory:

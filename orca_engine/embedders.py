@@ -1,0 +1,255 @@
+"""Stage 1, dimensionality alignment: map one target sample to the backbone's ``(T, d)`` tokens.
+
+Every embedder ends the same way: a LayerNorm, then learned positions initialised from the
+backbone's own pretrained positions, so its output sits where the backbone's input embedding
+layer would put real source data. Patch sizes are chosen so the token count never exceeds the
+token budget, and inputs are right/bottom padded (never resized) so any length works: a prime
+length L gives ``ceil(L / p)`` tokens, never a single collapsed one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orca_engine.backbones.base import Backbone
+from orca_engine.errors import SpecError
+
+INPUT_KINDS = ("seq1d", "image2d", "tabular")
+
+
+def sequence_patch_size(length: int, max_tokens: int) -> int:
+    """Smallest patch length p with ``ceil(length / p) <= max_tokens``."""
+    return max(1, math.ceil(length / max(1, max_tokens)))
+
+
+def image_patch_size(height: int, width: int, max_tokens: int, *, start: int = 1) -> int:
+    """Smallest patch side p >= ``start`` whose padded grid has at most ``max_tokens`` cells."""
+    patch = max(1, start)
+    while math.ceil(height / patch) * math.ceil(width / patch) > max(1, max_tokens):
+        patch += 1
+    return patch
+
+
+def _initial_positions(
+    backbone: Backbone | None, n_tokens: int, grid: tuple[int, int] | None, width: int
+) -> torch.Tensor:
+    """Pretrained positions for the layout (zeros when the backbone has none or none is given)."""
+    positions = None
+    if backbone is not None:
+        # Text bodies know 1D positions only: a 2D grid is read row-major.
+        layout = grid if backbone.family == "vision" else None
+        positions = backbone.position_embeddings(n_tokens, layout)
+    if positions is None or tuple(positions.shape) != (n_tokens, width):
+        return torch.zeros(n_tokens, width)
+    return positions.detach().float().clone()
+
+
+class Embedder(nn.Module):
+    """Base: LayerNorm + learned positions over whatever tokens :meth:`tokenize` makes."""
+
+    input_kind: str
+    #: how samples become tokens: "sequence" (Conv1d), "grid" (Conv2d) or "per_feature"
+    layout: str
+
+    def __init__(
+        self,
+        *,
+        sample_shape: tuple[int, ...],
+        embed_dim: int,
+        n_tokens: int,
+        patch_size: int,
+        grid: tuple[int, int] | None,
+        backbone: Backbone | None,
+    ) -> None:
+        super().__init__()
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.embed_dim = embed_dim
+        self.n_tokens = n_tokens
+        self.patch_size = patch_size
+        self.grid = grid
+        self.norm = nn.LayerNorm(embed_dim)
+        self.positions = nn.Parameter(_initial_positions(backbone, n_tokens, grid, embed_dim))
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ``(B, *sample_shape)`` input -> ``(B, T, embed_dim)`` tokens before norm/positions."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, *sample_shape)`` -> ``(B, n_tokens, embed_dim)``."""
+        return self.norm(self.tokenize(x)) + self.positions
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`embedder_from_config` rebuilds this layer."""
+        return {
+            "input_kind": self.input_kind,
+            "layout": self.layout,
+            "sample_shape": list(self.sample_shape),
+            "embed_dim": self.embed_dim,
+            "patch_size": self.patch_size,
+        }
+
+
+class SequenceEmbedder(Embedder):
+    """``(C, L)`` sequences (or wide ``(D,)`` rows as ``(1, D)``): Conv1d patches of length p."""
+
+    layout = "sequence"
+
+    def __init__(
+        self,
+        sample_shape: tuple[int, ...],
+        embed_dim: int,
+        patch_size: int,
+        backbone: Backbone | None = None,
+        *,
+        input_kind: str = "seq1d",
+    ) -> None:
+        channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
+        n_tokens = math.ceil(length / patch_size)
+        super().__init__(
+            sample_shape=sample_shape,
+            embed_dim=embed_dim,
+            n_tokens=n_tokens,
+            patch_size=patch_size,
+            grid=None,
+            backbone=backbone,
+        )
+        self.input_kind = input_kind
+        self.length = int(length)
+        self.pad = n_tokens * patch_size - self.length
+        self.proj = nn.Conv1d(int(channels), embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # tabular rows read as a one-channel sequence
+            x = x.unsqueeze(1)
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
+        return self.proj(x).transpose(1, 2)
+
+
+class ImageEmbedder(Embedder):
+    """``(C, H, W)`` images: Conv2d patches on a bottom/right-padded image; ``grid`` = (rows, cols)."""
+
+    input_kind = "image2d"
+    layout = "grid"
+
+    def __init__(
+        self,
+        sample_shape: tuple[int, ...],
+        embed_dim: int,
+        patch_size: int,
+        backbone: Backbone | None = None,
+    ) -> None:
+        channels, height, width = sample_shape
+        grid = (math.ceil(height / patch_size), math.ceil(width / patch_size))
+        super().__init__(
+            sample_shape=sample_shape,
+            embed_dim=embed_dim,
+            n_tokens=grid[0] * grid[1],
+            patch_size=patch_size,
+            grid=grid,
+            backbone=backbone,
+        )
+        self.pad_bottom = grid[0] * patch_size - int(height)
+        self.pad_right = grid[1] * patch_size - int(width)
+        self.proj = nn.Conv2d(int(channels), embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_bottom or self.pad_right:
+            x = F.pad(x, (0, self.pad_right, 0, self.pad_bottom))
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TabularEmbedder(Embedder):
+    """``(D,)`` rows, one token per feature: ``x_i * w_i + b_i`` (FT-Transformer style)."""
+
+    input_kind = "tabular"
+    layout = "per_feature"
+
+    def __init__(
+        self,
+        sample_shape: tuple[int, ...],
+        embed_dim: int,
+        patch_size: int = 1,
+        backbone: Backbone | None = None,
+    ) -> None:
+        (n_features,) = sample_shape
+        super().__init__(
+            sample_shape=sample_shape,
+            embed_dim=embed_dim,
+            n_tokens=int(n_features),
+            patch_size=1,
+            grid=None,
+            backbone=backbone,
+        )
+        bound = 1.0 / math.sqrt(embed_dim)
+        self.value_weight = nn.Parameter(torch.empty(n_features, embed_dim).uniform_(-bound, bound))
+        self.value_bias = nn.Parameter(torch.empty(n_features, embed_dim).uniform_(-bound, bound))
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(-1) * self.value_weight + self.value_bias
+
+
+def _token_cap(backbone: Backbone, token_budget: int) -> int:
+    return max(1, min(int(token_budget), int(backbone.max_tokens)))
+
+
+def _check_shape(input_kind: str, sample_shape: tuple[int, ...]) -> None:
+    expected = {"seq1d": 2, "image2d": 3, "tabular": 1}
+    if input_kind not in expected:
+        raise SpecError(f"unknown input kind {input_kind!r}; expected one of {INPUT_KINDS}")
+    if len(sample_shape) != expected[input_kind] or min(sample_shape) < 1:
+        raise SpecError(
+            f"a {input_kind} sample needs {expected[input_kind]} positive dims, got {sample_shape}"
+        )
+
+
+def create_embedder(
+    input_kind: str, sample_shape: tuple[int, ...], backbone: Backbone, *, token_budget: int
+) -> Embedder:
+    """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``."""
+    sample_shape = tuple(int(s) for s in sample_shape)
+    _check_shape(input_kind, sample_shape)
+    cap = _token_cap(backbone, token_budget)
+    width = backbone.embed_dim
+    if input_kind == "seq1d":
+        return SequenceEmbedder(
+            sample_shape, width, sequence_patch_size(sample_shape[1], cap), backbone
+        )
+    if input_kind == "image2d":
+        _, height, image_width = sample_shape
+        native = int(getattr(backbone, "patch_size", 1)) if backbone.family == "vision" else 1
+        if math.ceil(height / native) * math.ceil(image_width / native) > cap:
+            native = image_patch_size(height, image_width, cap, start=native)
+        return ImageEmbedder(sample_shape, width, native, backbone)
+    (n_features,) = sample_shape
+    if n_features <= cap:
+        return TabularEmbedder(sample_shape, width, 1, backbone)
+    return SequenceEmbedder(
+        sample_shape, width, sequence_patch_size(n_features, cap), backbone, input_kind="tabular"
+    )
+
+
+_FROM_CONFIG: dict[str, Callable[..., Embedder]] = {
+    "seq1d": SequenceEmbedder,
+    "image2d": ImageEmbedder,
+}
+
+
+def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = None) -> Embedder:
+    """Rebuild an embedder from :meth:`Embedder.config` (weights then come from a checkpoint)."""
+    kind = config["input_kind"]
+    shape = tuple(int(s) for s in config["sample_shape"])
+    width, patch = int(config["embed_dim"]), int(config["patch_size"])
+    if kind == "tabular":
+        if config.get("layout", "per_feature") == "per_feature":
+            return TabularEmbedder(shape, width, 1, backbone)
+        return SequenceEmbedder(shape, width, patch, backbone, input_kind="tabular")
+    if kind not in _FROM_CONFIG:
+        raise SpecError(f"unknown embedder input kind {kind!r}")
+    return _FROM_CONFIG[kind](shape, width, patch, backbone)

@@ -1,0 +1,229 @@
+"""Task heads: the backbone's ``(B, T_out, d_out)`` hidden states -> the label space.
+
+Pooled tasks (classification, multilabel, regression) average the tokens and apply one Linear.
+Dense tasks predict a patch of outputs per token and fold the patches back onto the input's own
+length or image size (cropping the padding the embedder added), so a ``(C, L)`` input gives a
+``(K, L)`` output and a ``(C, H, W)`` input a ``(K, H, W)`` output for any L, H, W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from orca_engine.backbones.base import Backbone
+from orca_engine.embedders import Embedder
+from orca_engine.errors import SpecError
+
+POOLED_TASKS = ("classification", "multilabel", "regression")
+DENSE_TASKS = ("dense_regression", "dense_classification")
+
+
+class Head(nn.Module):
+    """Base: remembers its task and sizes so :meth:`config` can rebuild it."""
+
+    kind: str
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.task_type = ""
+        self.label_shape: tuple[int, ...] = ()
+
+    def geometry(self) -> dict[str, Any]:
+        """Constructor arguments beyond the sizes."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`head_from_config` rebuilds this head."""
+        return {
+            "kind": self.kind,
+            "task_type": self.task_type,
+            "in_dim": self.in_dim,
+            "out_dim": self.out_dim,
+            "label_shape": list(self.label_shape),
+            **self.geometry(),
+        }
+
+
+class PooledHead(Head):
+    """Mean over tokens, then Linear to ``out_dim`` logits/values: output ``(B, out_dim)``."""
+
+    kind = "pooled"
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim)
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.mean(dim=1))
+
+
+class SequenceDenseHead(Head):
+    """Per token, ``out_dim * patch`` outputs, laid end to end and cropped to ``length``.
+
+    For grid-only bodies (Swin) that lay a sequence out on a 2D ``layout`` and downsample it by
+    ``stride``, each input token first takes the output token whose region contains it.
+    """
+
+    kind = "dense_sequence"
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        length: int,
+        n_tokens: int,
+        patch: int,
+        layout: tuple[int, int] | None = None,
+        stride: int = 1,
+    ) -> None:
+        super().__init__(in_dim, out_dim)
+        self.length, self.n_tokens, self.patch = length, n_tokens, patch
+        self.layout = tuple(layout) if layout is not None else None
+        self.stride = stride
+        self.linear = nn.Linear(in_dim, out_dim * patch)
+
+    def _per_input_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.layout is None:
+            return hidden
+        rows, cols = self.layout
+        batch, n_out, width = hidden.shape
+        out_rows = -(-rows // self.stride)
+        grid = hidden.reshape(batch, out_rows, n_out // out_rows, width)
+        grid = grid.repeat_interleave(self.stride, dim=1).repeat_interleave(self.stride, dim=2)
+        return grid[:, :rows, :cols].reshape(batch, rows * cols, width)[:, : self.n_tokens]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        tokens = self._per_input_token(hidden)
+        batch, n_tokens, _ = tokens.shape
+        out = self.linear(tokens).reshape(batch, n_tokens, self.out_dim, self.patch)
+        out = out.permute(0, 2, 1, 3).reshape(batch, self.out_dim, n_tokens * self.patch)
+        return out[:, :, : self.length]
+
+    def geometry(self) -> dict[str, Any]:
+        return {
+            "length": self.length,
+            "n_tokens": self.n_tokens,
+            "patch": self.patch,
+            "layout": list(self.layout) if self.layout is not None else None,
+            "stride": self.stride,
+        }
+
+
+class ImageDenseHead(Head):
+    """Per output token, an ``out_dim x s x s`` block, folded onto the grid and cropped to (H, W).
+
+    ``s`` = input pixels per output token side: the embedder's patch times the body's stride.
+    """
+
+    kind = "dense_image"
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        image_size: tuple[int, int],
+        out_grid: tuple[int, int],
+        pixels_per_token: int,
+    ) -> None:
+        super().__init__(in_dim, out_dim)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.out_grid = (int(out_grid[0]), int(out_grid[1]))
+        self.pixels_per_token = pixels_per_token
+        self.linear = nn.Linear(in_dim, out_dim * pixels_per_token**2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch = hidden.shape[0]
+        rows, cols = self.out_grid
+        s = self.pixels_per_token
+        out = self.linear(hidden).reshape(batch, rows, cols, self.out_dim, s, s)
+        out = out.permute(0, 3, 1, 4, 2, 5).reshape(batch, self.out_dim, rows * s, cols * s)
+        height, width = self.image_size
+        return out[:, :, :height, :width]
+
+    def geometry(self) -> dict[str, Any]:
+        return {
+            "image_size": list(self.image_size),
+            "out_grid": list(self.out_grid),
+            "pixels_per_token": self.pixels_per_token,
+        }
+
+
+def _dense_head(
+    backbone: Backbone, embedder: Embedder, out_dim: int
+) -> SequenceDenseHead | ImageDenseHead:
+    stride = backbone.output_stride()
+    if embedder.input_kind == "seq1d":
+        layout = backbone.sequence_grid(embedder.n_tokens)
+        return SequenceDenseHead(
+            backbone.output_dim,
+            out_dim,
+            length=embedder.sample_shape[-1],
+            n_tokens=embedder.n_tokens,
+            patch=embedder.patch_size,
+            layout=layout,
+            stride=stride if layout is not None else 1,
+        )
+    if embedder.input_kind == "image2d" and embedder.grid is not None:
+        out_grid = backbone.output_grid(embedder.grid) or embedder.grid
+        return ImageDenseHead(
+            backbone.output_dim,
+            out_dim,
+            image_size=(embedder.sample_shape[1], embedder.sample_shape[2]),
+            out_grid=out_grid,
+            pixels_per_token=embedder.patch_size * stride,
+        )
+    raise SpecError(
+        f"dense tasks need (C, L) sequences or (C, H, W) images, not {embedder.input_kind} inputs",
+        param="task.type",
+    )
+
+
+def create_head(
+    task_type: str,
+    *,
+    backbone: Backbone,
+    embedder: Embedder,
+    out_dim: int,
+    label_shape: tuple[int, ...],
+) -> Head:
+    """The head for ``task_type``; ``out_dim`` is classes, targets, or dense output channels K."""
+    if out_dim < 1:
+        raise SpecError(f"a head needs out_dim >= 1, got {out_dim}", param="task.type")
+    if task_type in POOLED_TASKS:
+        head: Head = PooledHead(backbone.output_dim, out_dim)
+    elif task_type in DENSE_TASKS:
+        head = _dense_head(backbone, embedder, out_dim)
+    else:
+        raise SpecError(f"unknown task type {task_type!r}", param="task.type")
+    head.task_type = task_type
+    head.label_shape = tuple(int(s) for s in label_shape)
+    return head
+
+
+_HEAD_KINDS: dict[str, Callable[..., Head]] = {
+    PooledHead.kind: PooledHead,
+    SequenceDenseHead.kind: SequenceDenseHead,
+    ImageDenseHead.kind: ImageDenseHead,
+}
+
+
+def head_from_config(config: dict[str, Any]) -> Head:
+    """Rebuild a head from :meth:`Head.config` output (weights then come from a checkpoint)."""
+    geometry = {
+        k: v
+        for k, v in config.items()
+        if k not in ("kind", "task_type", "in_dim", "out_dim", "label_shape")
+    }
+    if "layout" in geometry and geometry["layout"] is not None:
+        geometry["layout"] = tuple(geometry["layout"])
+    head = _HEAD_KINDS[config["kind"]](int(config["in_dim"]), int(config["out_dim"]), **geometry)
+    head.task_type = config["task_type"]
+    head.label_shape = tuple(int(s) for s in config["label_shape"])
+    return head

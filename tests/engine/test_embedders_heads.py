@@ -1,0 +1,194 @@
+"""Embedders, heads and the assembled model on every tiny backbone, for every input kind."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from orca_engine.backbones import Backbone, create_backbone, list_backbones
+from orca_engine.embedders import create_embedder
+from orca_engine.errors import SpecError
+from orca_engine.model import OrcaModel, build_model, model_from_config, set_trainable
+
+TINY = [name for name in list_backbones() if name.startswith("tiny-")]
+BUDGET = 64
+
+
+@dataclass
+class Info:
+    """The three DatasetInfo fields the model builder reads."""
+
+    input_kind: str
+    sample_shape: tuple[int, ...]
+    label_shape: tuple[int, ...]
+
+
+@pytest.fixture(scope="module", params=TINY)
+def backbone(request: pytest.FixtureRequest) -> Backbone:
+    torch.manual_seed(0)
+    return create_backbone(request.param)
+
+
+def make_model(
+    backbone: Backbone, info: Info, task_type: str, out_dim: int, budget: int = BUDGET
+) -> OrcaModel:
+    torch.manual_seed(0)
+    return build_model(
+        info=info, task_type=task_type, out_dim=out_dim, backbone=backbone, token_budget=budget
+    )
+
+
+@pytest.mark.parametrize("length", [7, 151, 1009, 7919])
+def test_sequence_patching_never_collapses(backbone: Backbone, length: int) -> None:
+    embedder = create_embedder("seq1d", (3, length), backbone, token_budget=BUDGET)
+    patch = embedder.patch_size
+    assert embedder.n_tokens == math.ceil(length / patch)
+    assert min(length, BUDGET) // 2 < embedder.n_tokens <= min(length, BUDGET)
+    if length <= BUDGET:
+        assert (patch, embedder.n_tokens) == (1, length)
+    tokens = embedder(torch.randn(2, 3, length))
+    assert tokens.shape == (2, embedder.n_tokens, backbone.embed_dim)
+
+
+@pytest.mark.parametrize("length", [7, 151, 1009])
+def test_dense_sequence_output_matches_input_length(backbone: Backbone, length: int) -> None:
+    info = Info("seq1d", (2, length), (3, length))
+    model = make_model(backbone, info, "dense_regression", 3)
+    assert model(torch.randn(2, 2, length)).shape == (2, 3, length)
+    model = make_model(backbone, Info("seq1d", (2, length), (length,)), "dense_classification", 5)
+    assert model(torch.randn(2, 2, length)).shape == (2, 5, length)
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (28, 28), (13, 17)])
+def test_dense_image_output_matches_input_size(backbone: Backbone, height: int, width: int) -> None:
+    info = Info("image2d", (3, height, width), (2, height, width))
+    model = make_model(backbone, info, "dense_regression", 2)
+    embedder = model.embedder
+    assert embedder.grid is not None and embedder.n_tokens <= BUDGET
+    assert embedder.grid == (
+        math.ceil(height / embedder.patch_size),
+        math.ceil(width / embedder.patch_size),
+    )
+    assert model(torch.randn(2, 3, height, width)).shape == (2, 2, height, width)
+
+
+def test_image_patch_prefers_native_vision_patch() -> None:
+    torch.manual_seed(0)
+    vit = create_backbone("tiny-vit")
+    native = create_embedder("image2d", (3, 28, 28), vit, token_budget=BUDGET)
+    assert (native.patch_size, native.grid) == (vit.patch_size, (7, 7))  # type: ignore[attr-defined]
+    tight = create_embedder("image2d", (3, 28, 28), vit, token_budget=16)
+    assert tight.patch_size > vit.patch_size and tight.n_tokens <= 16  # type: ignore[attr-defined]
+    # positions start from the pretrained table resampled to the grid
+    torch.testing.assert_close(native.positions.data, vit.position_embeddings(49, (7, 7)))
+
+    bert = create_backbone("tiny-bert")
+    text_over_image = create_embedder("image2d", (1, 28, 28), bert, token_budget=BUDGET)
+    assert text_over_image.patch_size == 4 and text_over_image.n_tokens == 49
+    torch.testing.assert_close(text_over_image.positions.data, bert.position_embeddings(49))
+
+
+def test_tabular_one_token_per_feature_then_sequence(backbone: Backbone) -> None:
+    per_feature = create_embedder("tabular", (10,), backbone, token_budget=BUDGET)
+    assert per_feature.n_tokens == 10
+    x = torch.randn(4, 10)
+    changed = x.clone()
+    changed[:, 3] += 1.0
+    difference = (per_feature(changed) - per_feature(x)).abs().sum(dim=(0, 2))
+    assert difference[3] > 0 and torch.count_nonzero(difference) == 1  # token i sees x_i only
+
+    wide = create_embedder("tabular", (1000,), backbone, token_budget=BUDGET)
+    assert 1 < wide.n_tokens <= BUDGET
+    assert wide(torch.randn(2, 1000)).shape == (2, wide.n_tokens, backbone.embed_dim)
+
+
+@pytest.mark.parametrize(
+    "info,task_type,out_dim,target",
+    [
+        (Info("seq1d", (1, 151), ()), "classification", 3, "class"),
+        (Info("image2d", (3, 13, 17), (4,)), "multilabel", 4, "multilabel"),
+        (Info("tabular", (12,), ()), "regression", 1, "value"),
+        (Info("seq1d", (2, 31), (1, 31)), "dense_regression", 1, "value"),
+    ],
+)
+def test_one_train_step_changes_weights(
+    backbone: Backbone, info: Info, task_type: str, out_dim: int, target: str
+) -> None:
+    model = make_model(backbone, info, task_type, out_dim)
+    trainable = set_trainable(model, "full")
+    x = torch.randn(4, *info.sample_shape)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    outputs = model(x)
+    if target == "class":
+        loss = torch.nn.functional.cross_entropy(outputs, torch.tensor([0, 1, 2, 0]))
+    elif target == "multilabel":
+        labels = torch.randint(0, 2, outputs.shape).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(outputs, labels)
+    else:
+        loss = torch.nn.functional.mse_loss(outputs, torch.randn_like(outputs))
+    loss.backward()
+    optimiser.step()
+    assert torch.isfinite(loss)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    for part in ("embedder.", "backbone.", "head."):
+        assert any(n.startswith(part) for n in changed), part
+    assert changed <= set(trainable)
+
+
+def test_set_trainable_modes(backbone: Backbone) -> None:
+    model = make_model(backbone, Info("seq1d", (1, 40), ()), "classification", 2)
+    every = {n for n, _ in model.named_parameters()}
+    backbone_norms = {f"backbone.{n}" for n in backbone.layernorm_parameter_names()}
+
+    assert set(set_trainable(model, "full")) == every
+    head_only = set(set_trainable(model, "frozen"))
+    assert head_only == {n for n in every if n.startswith("head.")}
+    embedder_only = set(set_trainable(model, "embedder"))
+    assert embedder_only == {n for n in every if n.startswith("embedder.")}
+    layernorm = set(set_trainable(model, "layernorm"))
+    assert layernorm == head_only | embedder_only | backbone_norms
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == layernorm
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert backbone_norms and all(len(shapes[n]) == 1 for n in backbone_norms)  # no matrices
+    with pytest.raises(SpecError):
+        set_trainable(model, "everything")
+
+
+@pytest.mark.parametrize(
+    "info,task_type,out_dim",
+    [
+        (Info("image2d", (1, 13, 17), (13, 17)), "dense_classification", 3),
+        (Info("tabular", (9,), (2,)), "regression", 2),
+        (Info("tabular", (300,), ()), "classification", 2),
+        (Info("seq1d", (2, 151), (2, 151)), "dense_regression", 2),
+    ],
+)
+def test_model_config_round_trip(
+    backbone: Backbone, info: Info, task_type: str, out_dim: int
+) -> None:
+    model = make_model(backbone, info, task_type, out_dim).eval()
+    config = json.loads(json.dumps(model.config()))
+    assert config["backbone"]["name"] == backbone.name
+    torch.manual_seed(123)
+    rebuilt = model_from_config(config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, *info.sample_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), rebuilt(x))
+        torch.testing.assert_close(model.embed(x), rebuilt.embed(x))
+
+
+def test_impossible_heads_are_spec_errors() -> None:
+    torch.manual_seed(0)
+    bert = create_backbone("tiny-bert")
+    with pytest.raises(SpecError):
+        make_model(bert, Info("tabular", (5,), (5,)), "dense_regression", 1)
+    with pytest.raises(SpecError):
+        make_model(bert, Info("seq1d", (1, 5), ()), "ranking", 1)
+    with pytest.raises(SpecError):
+        create_embedder("image2d", (28, 28), bert, token_budget=BUDGET)
