@@ -51,6 +51,22 @@ class Settings(BaseSettings):
     worker_lost_after_seconds: float = 120.0
     job_max_attempts: int = 3
 
+    # Largest JSON or .npy body accepted by POST /v1/models/{id}/predict.
+    max_predict_body_bytes: int = 64 * 1024**2
+    # Device the API process runs predictions on ("cpu", "cuda", "cuda:1").
+    predict_device: str = "cpu"
+
+    # Queue routing: how long the "is any worker listening on gpu?" answer is cached, and how
+    # long the broadcast that asks it may take; how long a broker connection attempt may take.
+    queue_inspect_ttl_seconds: float = 30.0
+    queue_inspect_timeout_seconds: float = 0.5
+    broker_timeout_seconds: float = 2.0
+    # Retry-After sent with 429 when a tenant already runs its maximum of concurrent jobs.
+    job_limit_retry_after_seconds: int = 30
+
+    # How often an SSE event stream polls the database for new job events.
+    events_poll_seconds: float = 0.5
+
     # The port /metrics is also served on; None = only on the main app.
     metrics_port: int | None = None
 

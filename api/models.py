@@ -11,7 +11,20 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -21,11 +34,37 @@ def new_id(prefix: str) -> str:
 
 
 def utcnow() -> datetime:
+    """Timezone-aware now in UTC (every timestamp column stores and returns these)."""
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, on PostgreSQL and on SQLite.
+
+    SQLite has no timezone type and hands back naive values; without this, comparing a stored
+    heartbeat with ``utcnow()`` would raise on SQLite and not on PostgreSQL.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
 
 
 class Tenant(Base):
@@ -66,6 +105,9 @@ class Dataset(Base):
     # {"errors": [], "warnings": [...]} from validation.
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Soft delete: jobs and models keep pointing at the row; the blob is removed when no live
+    # row references its sha256 any more. Deleted rows answer 404.
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):
@@ -107,7 +149,9 @@ class JobEvent(Base):
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
     # Integer ids: monotonic, used as SSE event ids (Last-Event-ID) and as the page cursor.
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # log | stage | progress | metric | choice | error | status

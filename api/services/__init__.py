@@ -1,0 +1,1 @@
+"""Domain services: the logic behind the routes, keyword-only with the session first."""
