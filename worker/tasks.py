@@ -1,0 +1,462 @@
+"""The one Celery task: ``orca.run_job(job_id)``.
+
+Thin and idempotent: it claims the job row (so a duplicate delivery is harmless), runs
+``orca_engine.pipeline.run_job`` with database-backed callbacks, and records the outcome. A
+redelivered job (worker crash, reaper requeue) resumes from the engine's stage checkpoints under the
+job's work dir. The model row appears only once its bundle is complete on disk.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+from sqlalchemy import select
+
+from api.config import Settings, get_settings
+from api.db import session_scope
+from api.models import Dataset, Job, JobEvent, Model, new_id
+from api.storage import Storage, get_storage
+from orca_engine.errors import EngineError, JobCancelled
+from worker.celery_app import TASK_RUN_JOB, app
+from worker.heartbeat import (
+    Heartbeat,
+    as_utc,
+    this_worker_id,
+    utc_now,
+    worker_process_is_dead,
+)
+from worker.reporting import DbCallbacks, json_safe
+
+logger = logging.getLogger("orca.worker")
+
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+class ClaimOutcome(enum.Enum):
+    RUN = "run"
+    SKIP = "skip"
+
+
+@dataclass
+class ClaimedJob:
+    """What the task needs from the database to run a job, read while claiming it."""
+
+    job_id: str
+    tenant_id: str
+    attempts: int
+    spec: dict[str, Any]
+    queue: str
+    name: str | None
+    dataset_id: str
+    dataset_path: Path
+    dataset_filename: str
+    label_column: str | None
+    source_paths: dict[str, Path] = field(default_factory=dict)
+
+
+@app.task(name=TASK_RUN_JOB, bind=True, acks_late=True)
+def run_job_task(self: Task, job_id: str) -> str:
+    """Run one job to a terminal state (or skip it when it is not ours to run)."""
+    return execute_job(job_id)
+
+
+def execute_job(job_id: str, *, settings: Settings | None = None) -> str:
+    """Claim, run and record job ``job_id``; returns the status it was left in."""
+    settings = settings or get_settings()
+    worker_id = this_worker_id()
+    claimed = claim_job(job_id, worker_id=worker_id, settings=settings)
+    if claimed is None:
+        return "skipped"
+    storage = get_storage()
+    workdir = Path(storage.job_workdir(job_id))
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle_dir = workdir / "bundle"
+    heartbeat = Heartbeat(job_id, worker_id, interval_seconds=settings.worker_heartbeat_seconds)
+    callbacks = DbCallbacks(job_id, workdir=workdir, ownership_lost=heartbeat.lost)
+    try:
+        with heartbeat:
+            result = _run_pipeline(claimed, settings, workdir, bundle_dir, callbacks)
+    except JobCancelled:
+        _free_device_memory()
+        if heartbeat.lost.is_set():
+            logger.warning("job %s was taken over by another worker; leaving it", job_id)
+            return "lost"
+        if _finish(job_id, worker_id, status="cancelled", message="cancelled"):
+            shutil.rmtree(workdir, ignore_errors=True)
+        return "cancelled"
+    except EngineError as error:
+        _free_device_memory()
+        engine_error: dict[str, Any] = {"code": error.code, "message": error.message}
+        if error.param:
+            engine_error["param"] = error.param
+        if _finish(
+            job_id,
+            worker_id,
+            status="failed",
+            error=engine_error,
+            message=f"failed: {error.message}",
+        ):
+            shutil.rmtree(workdir, ignore_errors=True)
+        return "failed"
+    except Exception as error:
+        _free_device_memory()
+        logger.exception("job %s failed with an internal error", job_id)
+        if _is_out_of_memory(error):
+            code, message = (
+                "out_of_memory",
+                "the device ran out of memory; try a smaller finetune.batch_size or "
+                "alignment.max_samples",
+            )
+        else:
+            code = "internal_error"
+            message = (
+                f"internal error in the worker ({type(error).__name__}); "
+                "the operators have the details in the worker log"
+            )
+        if _finish(
+            job_id,
+            worker_id,
+            status="failed",
+            error={"code": code, "message": message},
+            message=f"failed: {message}",
+        ):
+            shutil.rmtree(workdir, ignore_errors=True)
+        return "failed"
+    if heartbeat.lost.is_set():
+        return "lost"
+    status = _record_success(claimed, worker_id, result, bundle_dir, storage)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+def claim_job(job_id: str, *, worker_id: str, settings: Settings) -> ClaimedJob | None:
+    """Take ownership of a job, or decide it is not ours to run (None).
+
+    Handles every delivery the broker may make: unknown or finished jobs are skipped, a job the user
+    cancelled while queued becomes ``cancelled``, a job another live worker is running is left
+    alone, one whose worker died is taken over, and attempts beyond ``job_max_attempts`` fail.
+    """
+    now = utc_now()
+    with session_scope() as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
+        if job is None:
+            logger.warning("job %s does not exist; dropping the message", job_id)
+            return None
+        if job.status in TERMINAL_STATUSES:
+            logger.info("job %s is already %s; nothing to do", job_id, job.status)
+            return None
+        if job.status == "cancelling":
+            # Cancelled while queued, or its worker died while it was being cancelled.
+            job.status = "cancelled"
+            job.finished_at = now
+            job.eta_seconds = None
+            session.add(
+                JobEvent(
+                    job_id=job_id, kind="status", message="cancelled", data={"status": "cancelled"}
+                )
+            )
+            return None
+        if job.status == "running" and job.worker_id != worker_id:
+            heartbeat = as_utc(job.heartbeat_at)
+            fresh = heartbeat is not None and now - heartbeat < timedelta(
+                seconds=settings.worker_lost_after_seconds
+            )
+            if fresh and not worker_process_is_dead(job.worker_id):
+                logger.info(
+                    "job %s is running on %s; ignoring duplicate delivery", job_id, job.worker_id
+                )
+                return None
+        if job.attempts >= settings.job_max_attempts:
+            job.status = "failed"
+            job.finished_at = now
+            job.error = {
+                "code": "too_many_attempts",
+                "message": (
+                    f"the job was started {job.attempts} times without finishing "
+                    f"(limit {settings.job_max_attempts}); its worker keeps getting lost -- "
+                    "try a smaller batch_size or max_samples"
+                ),
+            }
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    kind="status",
+                    message=f"failed: {job.error['message']}",
+                    data={"status": "failed"},
+                )
+            )
+            return None
+        dataset = session.get(Dataset, job.dataset_id)
+        if dataset is None:
+            _fail_in_session(
+                session, job, "dataset_missing", f"dataset {job.dataset_id} no longer exists", now
+            )
+            return None
+        storage = get_storage()
+        dataset_path = Path(storage.path_for(dataset.storage_key))
+        if not dataset_path.is_file():
+            _fail_in_session(
+                session,
+                job,
+                "dataset_missing",
+                f"the stored file of dataset {dataset.id} is missing; upload the dataset again "
+                "and create a new job",
+                now,
+            )
+            return None
+        source_paths: dict[str, Path] = {}
+        source = str((job.spec.get("alignment") or {}).get("source") or "auto")
+        if source.startswith("ds_"):
+            source_dataset = session.get(Dataset, source)
+            if source_dataset is None or source_dataset.tenant_id != job.tenant_id:
+                _fail_in_session(
+                    session,
+                    job,
+                    "bad_hyperparameter",
+                    f"alignment.source names dataset {source}, which does not exist",
+                    now,
+                )
+                return None
+            source_paths[source] = Path(storage.path_for(source_dataset.storage_key))
+        job.attempts += 1
+        job.status = "running"
+        job.worker_id = worker_id
+        job.heartbeat_at = now
+        job.started_at = job.started_at or now
+        job.error = None
+        session.add(
+            JobEvent(
+                job_id=job_id,
+                kind="status",
+                message=f"running on {worker_id} (attempt {job.attempts})",
+                data={"status": "running", "worker_id": worker_id, "attempt": job.attempts},
+            )
+        )
+        if job.attempts > 1:
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    kind="restart",
+                    message="resuming from the last stage checkpoint",
+                    data={"attempt": job.attempts},
+                )
+            )
+        return ClaimedJob(
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            attempts=job.attempts,
+            spec=dict(job.spec),
+            queue=job.queue,
+            name=job.name,
+            dataset_id=dataset.id,
+            dataset_path=dataset_path,
+            dataset_filename=dataset.filename,
+            label_column=dataset.label_column,
+            source_paths=source_paths,
+        )
+
+
+def _fail_in_session(session: Any, job: Job, code: str, message: str, now: Any) -> None:
+    job.status = "failed"
+    job.finished_at = now
+    job.eta_seconds = None
+    job.error = {"code": code, "message": message}
+    session.add(
+        JobEvent(
+            job_id=job.id, kind="status", message=f"failed: {message}", data={"status": "failed"}
+        )
+    )
+
+
+def _device_for(queue: str) -> str:
+    """The GPU this worker is pinned to (CUDA_VISIBLE_DEVICES) for GPU jobs, else the CPU."""
+    import torch
+
+    return "cuda" if queue == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _run_pipeline(
+    claimed: ClaimedJob,
+    settings: Settings,
+    workdir: Path,
+    bundle_dir: Path,
+    callbacks: DbCallbacks,
+) -> Any:
+    from orca_engine import pipeline
+
+    kwargs: dict[str, Any] = {
+        "bundle_dir": bundle_dir,
+        "callbacks": callbacks,
+        "device": _device_for(claimed.queue),
+        "proxy_cache_dir": settings.resolved_proxy_cache_dir,
+        "model_dirs": tuple(settings.model_dirs),
+        "filename": claimed.dataset_filename,
+        "label_column": claimed.label_column,
+    }
+    if claimed.source_paths:
+        kwargs["source_paths"] = {key: str(path) for key, path in claimed.source_paths.items()}
+    return pipeline.run_job(claimed.spec, claimed.dataset_path, workdir, **kwargs)
+
+
+def _final_job_metrics(
+    metrics: dict[str, Any], running: dict[str, Any] | None, curves: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The engine's final metrics, plus the last training metrics and the curves for the plots."""
+    final = dict(metrics)
+    if running and running.get("train"):
+        final["train"] = running["train"]
+    if curves:
+        final["curves"] = json_safe(curves)
+    return final
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _record_success(
+    claimed: ClaimedJob, worker_id: str, result: Any, bundle_dir: Path, storage: Storage
+) -> str:
+    """Move the finished bundle into model storage, then create the model and close the job."""
+    job_id = claimed.job_id
+    produced = Path(getattr(result, "bundle_dir", bundle_dir) or bundle_dir)
+    metrics = json_safe(dict(getattr(result, "metrics", {}) or {}))
+    resolved_spec = json_safe(getattr(result, "resolved_spec", None))
+    model_id = new_id("mdl")
+    model_dir = Path(storage.model_dir(model_id))
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(produced, model_dir)  # same filesystem: the bundle appears whole or not at all
+    try:
+        with session_scope() as session:
+            job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
+            if (
+                job is None
+                or job.worker_id != worker_id
+                or job.status not in ("running", "cancelling")
+            ):
+                raise _NotOurs()
+            if job.status == "cancelling":
+                job.status = "cancelled"
+                job.finished_at = utc_now()
+                job.eta_seconds = None
+                session.add(
+                    JobEvent(
+                        job_id=job_id,
+                        kind="status",
+                        message="cancelled",
+                        data={"status": "cancelled"},
+                    )
+                )
+                raise _Discard()
+            task_spec = resolved_spec or job.resolved_spec or {}
+            session.add(
+                Model(
+                    id=model_id,
+                    tenant_id=claimed.tenant_id,
+                    job_id=job_id,
+                    dataset_id=claimed.dataset_id,
+                    name=claimed.name,
+                    storage_key=storage.model_key(model_id),
+                    bytes=_directory_bytes(model_dir),
+                    task_spec=task_spec,
+                    metrics=metrics,
+                )
+            )
+            job.status = "succeeded"
+            job.stage = "export"
+            job.progress = 1.0
+            job.eta_seconds = 0.0
+            job.metrics = _final_job_metrics(metrics, job.metrics, getattr(result, "curves", None))
+            if resolved_spec:
+                job.resolved_spec = resolved_spec
+            job.model_id = model_id
+            job.finished_at = utc_now()
+            job.heartbeat_at = utc_now()
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    kind="status",
+                    message=f"succeeded; model {model_id}",
+                    data={"status": "succeeded", "model_id": model_id, "metrics": metrics},
+                )
+            )
+    except _Discard:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return "cancelled"
+    except _NotOurs:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        logger.warning("job %s changed owner before it could be recorded; discarding", job_id)
+        return "lost"
+    except Exception:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+    return "succeeded"
+
+
+class _Discard(Exception):
+    pass
+
+
+class _NotOurs(Exception):
+    pass
+
+
+def _finish(
+    job_id: str,
+    worker_id: str,
+    *,
+    status: str,
+    message: str,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """Record a terminal status, unless the job has meanwhile been taken by another worker.
+
+    Returns False when the job is no longer this worker's (its work dir then stays for the next run).
+    """
+    with session_scope() as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
+        if job is None or job.worker_id != worker_id:
+            return False
+        job.status = status
+        job.error = error
+        job.eta_seconds = None
+        job.finished_at = utc_now()
+        session.add(
+            JobEvent(
+                job_id=job_id,
+                kind="status",
+                message=message,
+                data={"status": status, **({"error": error} if error else {})},
+            )
+        )
+    return True
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _free_device_memory() -> None:
+    """Give cached GPU memory back so the next job on this GPU starts with all of it."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # freeing memory is best effort
+        logger.debug("could not empty the CUDA cache", exc_info=True)
