@@ -1,0 +1,477 @@
+"""One ORCA job end to end: prepare -> align -> refine -> evaluate -> export, resumable.
+
+Every stage leaves a checkpoint under ``workdir`` (``prepare.json``, ``align_state.pt`` /
+``align_done.pt``, ``refine_state.pt``); calling :func:`run_job` again with the same workdir skips
+what is done and continues where it stopped, ending with the same weights and metrics as a run
+that was never interrupted (on CPU). The test split is read once, in ``evaluate``.
+
+``alignment.max_samples`` caps *both* sides of the alignment: at most that many target training
+samples (a seeded subsample) are embedded per alignment epoch, and the source proxy holds at most
+that many samples. One knob bounds the cost of the dataset distance, which grows with both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import orca_engine
+from orca_engine.checkpoint import load_stage, save_bundle, save_stage, write_json
+from orca_engine.data import (
+    Dataset,
+    DatasetInfo,
+    Normaliser,
+    TargetScaler,
+    load_dataset,
+)
+from orca_engine.device import (
+    out_of_memory_as_error,
+    outputs_in_chunks,
+    resolve_device,
+    seed_everything,
+)
+from orca_engine.errors import SpecError
+from orca_engine.metrics import compute_metrics
+from orca_engine.model import OrcaModel, build_model
+from orca_engine.progress import STAGES, Callbacks
+from orca_engine.refine import Preprocessing, fit_preprocessing, outputs_for_metrics, refine
+from orca_engine.specs import JobSpec, ResolvedSpec, parse_spec, resolve_spec
+
+logger = logging.getLogger(__name__)
+
+PREPARE_FILE = "prepare.json"
+ALIGN_STATE_FILE = "align_state.pt"
+ALIGN_DONE_FILE = "align_done.pt"
+
+#: share of the overall progress bar each stage takes when alignment runs
+STAGE_WEIGHTS = {"prepare": 0.05, "align": 0.25, "refine": 0.60, "evaluate": 0.05, "export": 0.05}
+
+
+@dataclass
+class JobResult:
+    """What a finished job hands back to the service."""
+
+    bundle_dir: Path
+    #: {"val": {...}, "test": {...}, "alignment": {"before": x, "after": y}}
+    metrics: dict[str, Any]
+    resolved_spec: dict[str, Any]
+    curves: dict[str, Any]
+
+
+def overall_progress(stage: str, step: int, total: int, align_enabled: bool) -> float:
+    """One 0..1 progress value for the whole job from a stage's ``step`` of ``total``.
+
+    Without alignment its share goes to refinement, so the bar still fills evenly.
+    """
+    weights = dict(STAGE_WEIGHTS)
+    if not align_enabled:
+        weights["refine"] += weights.pop("align")
+    if stage not in weights:
+        return 0.0 if stage == "align" else 1.0
+    done_before = sum(
+        weights[s] for s in STAGES if s in weights and STAGES.index(s) < STAGES.index(stage)
+    )
+    fraction = min(1.0, max(0.0, step / total)) if total > 0 else 1.0
+    return min(1.0, done_before + weights[stage] * fraction)
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+
+def local_backbone_path(backbone: str) -> Path | None:
+    """The local file/dir a backbone id points at (``hf:<dir>``, ``timm:<arch>@<path>``, a path)."""
+    if backbone.startswith("hf:"):
+        return Path(backbone[len("hf:") :])
+    if backbone.startswith("timm:"):
+        _, at, weights = backbone.partition("@")
+        return Path(weights) if at else None
+    if "/" in backbone or "\\" in backbone or backbone.startswith((".", "~")):
+        return Path(backbone)
+    return None
+
+
+def check_backbone_location(backbone: str, model_dirs: Sequence[str | Path]) -> None:
+    """A local backbone must lie inside one of ``model_dirs`` (SPEC §4); registry names pass."""
+    path = local_backbone_path(backbone)
+    if path is None:
+        return
+    resolved = path.expanduser().resolve()
+    allowed = [Path(d).expanduser().resolve() for d in model_dirs]
+    if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
+        where = ", ".join(str(d) for d in allowed) or "none are configured"
+        raise SpecError(
+            f"backbone path {str(path)!r} is not inside an allowed model directory ({where})",
+            param="backbone",
+        )
+
+
+def _prepared_record(
+    rspec: ResolvedSpec, dataset: Dataset, preprocessing: Preprocessing
+) -> dict[str, Any]:
+    return {
+        "resolved_spec": rspec.to_dict(),
+        "info": dataset.info.to_dict(),
+        "normaliser": preprocessing.normaliser.to_dict(),
+        "target_scaler": preprocessing.target_scaler.to_dict()
+        if preprocessing.target_scaler
+        else None,
+        "label_map": dataset.label_map.to_dict() if dataset.label_map else None,
+        "target_shape": list(dataset.y_train.shape[1:]),
+    }
+
+
+def _apply_overrides(rspec: ResolvedSpec, overrides: Mapping[str, Any] | None) -> ResolvedSpec:
+    if not overrides:
+        return rspec
+    values = rspec.to_dict()
+    unknown = sorted(set(overrides) - set(values) - {"reasons"})
+    if unknown:
+        raise SpecError(f"cannot override unknown resolved values {unknown}", param=unknown[0])
+    reasons = {**values["reasons"], **{key: "set by the caller" for key in overrides}}
+    return ResolvedSpec.from_dict({**values, **overrides, "reasons": reasons})
+
+
+def _announce_choices(rspec: ResolvedSpec, callbacks: Callbacks) -> None:
+    values = rspec.to_dict()
+    for key, reason in sorted(rspec.reasons.items()):
+        callbacks.event(
+            f"{key} = {values.get(key)!r}: {reason}",
+            kind="choice",
+            data={"param": key, "value": values.get(key), "reason": reason},
+        )
+
+
+def _prepare(
+    job_spec: JobSpec,
+    dataset_path: str | Path,
+    workdir: Path,
+    *,
+    device: torch.device,
+    callbacks: Callbacks,
+    model_dirs: Sequence[str | Path],
+    filename: str | None,
+    label_column: str | None,
+    resolved_overrides: Mapping[str, Any] | None,
+) -> tuple[Dataset, ResolvedSpec, dict[str, Any]]:
+    """Load the dataset, resolve the spec and fit the preprocessing once (then prepare.json)."""
+    task_override = job_spec.task.type if job_spec.task.type != "auto" else None
+    dataset = load_dataset(
+        dataset_path,
+        filename=filename,
+        label_column=label_column,
+        task_type=task_override,
+        seed=job_spec.seed,
+    )
+    prepared_path = workdir / PREPARE_FILE
+    if prepared_path.exists():
+        callbacks.event("prepare: resuming with the spec resolved before", kind="log")
+    else:
+        fresh_spec = _apply_overrides(
+            resolve_spec(job_spec, dataset.info, device=device.type), resolved_overrides
+        )
+        check_backbone_location(fresh_spec.backbone, model_dirs)
+        _announce_choices(fresh_spec, callbacks)
+        write_json(
+            prepared_path,
+            _prepared_record(fresh_spec, dataset, fit_preprocessing(dataset, fresh_spec.task_type)),
+        )
+    # Always continue from the stored JSON, so a fresh and a resumed run see identical values.
+    prepared: dict[str, Any] = json.loads(prepared_path.read_text())
+    rspec = ResolvedSpec.from_dict(prepared["resolved_spec"])
+    check_backbone_location(rspec.backbone, model_dirs)
+    return dataset, rspec, prepared
+
+
+def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
+    """The ORCA model with pretrained backbone weights and seeded embedder/head initialisation."""
+    from orca_engine.backbones import create_backbone
+
+    # Seed before anything is initialised (random-init backbones too) so that a resumed job
+    # rebuilds exactly the model the interrupted one started from.
+    seed_everything(rspec.seed)
+    backbone = create_backbone(rspec.backbone, allow_random_init=rspec.allow_random_init)
+    return build_model(
+        info=info,
+        task_type=rspec.task_type,
+        out_dim=info.out_dim
+        if info.task_type == rspec.task_type
+        else _out_dim(info, rspec.task_type),
+        backbone=backbone,
+        token_budget=rspec.token_budget,
+    )
+
+
+def _out_dim(info: DatasetInfo, task_type: str) -> int:
+    # The user asked for another task type than the inferred one (e.g. regression on int labels).
+    from dataclasses import replace
+
+    return replace(info, task_type=task_type).out_dim
+
+
+# --- align -----------------------------------------------------------------------------------
+
+
+def _alignment_subsample(n_train: int, max_samples: int, seed: int) -> np.ndarray:
+    if n_train <= max_samples:
+        return np.arange(n_train)
+    chosen = np.random.default_rng(seed).choice(n_train, size=max_samples, replace=False)
+    return np.sort(chosen)
+
+
+def _proxy_name(source: str, source_paths: Mapping[str, str | Path] | None) -> str:
+    if source_paths and source in source_paths:
+        return f"dataset:{source_paths[source]}"
+    return source
+
+
+def _run_alignment(
+    model: OrcaModel,
+    dataset: Dataset,
+    rspec: ResolvedSpec,
+    preprocessing: Preprocessing,
+    *,
+    workdir: Path,
+    device: torch.device,
+    callbacks: Callbacks,
+    proxy_cache_dir: str | Path | None,
+    source_paths: Mapping[str, str | Path] | None,
+) -> dict[str, Any]:
+    """Train the embedder towards the source proxy; returns the record stored in align_done.pt."""
+    from orca_engine.align import align_embedder, alignment_labels
+    from orca_engine.proxies import build_proxy
+
+    done = load_stage(workdir / ALIGN_DONE_FILE)
+    if done is not None:
+        model.embedder.load_state_dict(done["embedder"])
+        callbacks.event("alignment already done; reusing the aligned embedder", kind="stage")
+        return dict(done["result"])
+
+    seed_everything(rspec.seed)
+    proxy = _proxy_name(rspec.source, source_paths)
+    callbacks.event(
+        f"building source proxy {proxy!r} ({rspec.max_samples} samples at most)", kind="log"
+    )
+    source = build_proxy(
+        proxy,
+        model.backbone,
+        n_samples=rspec.max_samples,
+        seed=rspec.seed,
+        cache_dir=proxy_cache_dir,
+    )
+    subsample = _alignment_subsample(len(dataset.x_train), rspec.max_samples, rspec.seed)
+    x_align = preprocessing.normaliser.transform(np.asarray(dataset.x_train[subsample]))
+    y_align = np.asarray(dataset.y_train[subsample])
+    labels = alignment_labels(rspec.task_type, y_align, x_align, seed=rspec.seed)
+    result = align_embedder(
+        model,
+        x_align,
+        labels,
+        source,
+        distance=rspec.distance,
+        epochs=rspec.align_epochs,
+        auto_stop=rspec.align_auto,
+        lr=rspec.embedder_lr,
+        seed=rspec.seed,
+        device=device,
+        callbacks=callbacks,
+        max_samples=rspec.max_samples,
+        state_path=workdir / ALIGN_STATE_FILE,
+    )
+    record = {
+        "curve": [float(v) for v in result.curve],
+        "before": float(result.before),
+        "after": float(result.after),
+        "epochs_run": int(result.epochs_run),
+        "seconds": float(result.seconds),
+        "source": proxy,
+        "distance": rspec.distance,
+    }
+    save_stage(
+        workdir / ALIGN_DONE_FILE,
+        {"embedder": model.embedder.state_dict(), "result": record},
+    )
+    return record
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+def run_job(
+    spec: JobSpec | dict[str, Any],
+    dataset_path: str | Path,
+    workdir: str | Path,
+    *,
+    bundle_dir: str | Path,
+    callbacks: Callbacks | None = None,
+    device: str | torch.device = "auto",
+    proxy_cache_dir: str | Path | None = None,
+    model_dirs: Sequence[str | Path] = (),
+    filename: str | None = None,
+    label_column: str | None = None,
+    source_paths: Mapping[str, str | Path] | None = None,
+    resolved_overrides: Mapping[str, Any] | None = None,
+) -> JobResult:
+    """Run (or resume) one fine-tuning job and export its bundle to ``bundle_dir``.
+
+    Raises :class:`~orca_engine.errors.EngineError` subclasses for problems a user can act on
+    (bad spec, invalid data, backbone unavailable, out of memory, cancelled); anything else is a
+    bug and propagates as is. ``resolved_overrides`` replaces resolved values the task spec does
+    not expose (e.g. ``{"token_budget": 32}`` for benchmarks and tests); each is logged as a choice.
+    """
+    callbacks = callbacks or Callbacks()
+    job_spec = parse_spec(spec)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch_device = resolve_device(device)
+    started = time.monotonic()
+
+    # prepare ----------------------------------------------------------------------------------
+    callbacks.event(
+        "prepare: loading and checking the dataset", kind="stage", data={"stage": "prepare"}
+    )
+    callbacks.progress(stage="prepare", step=0, total=1)
+    dataset, rspec, prepared = _prepare(
+        job_spec,
+        dataset_path,
+        workdir,
+        device=torch_device,
+        callbacks=callbacks,
+        model_dirs=model_dirs,
+        filename=filename,
+        label_column=label_column,
+        resolved_overrides=resolved_overrides,
+    )
+    preprocessing = Preprocessing(
+        normaliser=Normaliser.from_dict(prepared["normaliser"]),
+        target_scaler=TargetScaler.from_dict(prepared["target_scaler"])
+        if prepared["target_scaler"]
+        else None,
+    )
+    hint_align = f"try a smaller alignment.max_samples (now {rspec.max_samples})"
+    with out_of_memory_as_error(f"try a smaller finetune.batch_size (now {rspec.batch_size})"):
+        model = _build_model(rspec, dataset.info).to(torch_device)
+    callbacks.progress(stage="prepare", step=1, total=1)
+
+    # align ------------------------------------------------------------------------------------
+    align_enabled = rspec.distance != "none" and rspec.align_epochs > 0
+    alignment: dict[str, Any] = {"curve": [], "before": None, "after": None}
+    if align_enabled:
+        callbacks.event(
+            f"align: training the embedder towards {rspec.source!r} under {rspec.distance}",
+            kind="stage",
+            data={"stage": "align", "enabled": True},
+        )
+        with out_of_memory_as_error(hint_align):
+            alignment = _run_alignment(
+                model,
+                dataset,
+                rspec,
+                preprocessing,
+                workdir=workdir,
+                device=torch_device,
+                callbacks=callbacks,
+                proxy_cache_dir=proxy_cache_dir,
+                source_paths=source_paths,
+            )
+    else:
+        callbacks.event(
+            "align: skipped (distance none or 0 alignment epochs)",
+            kind="stage",
+            data={"stage": "align", "enabled": False},
+        )
+
+    # refine -----------------------------------------------------------------------------------
+    callbacks.event(
+        f"refine: {rspec.finetune_mode} fine-tuning for up to {rspec.finetune_epochs} epochs",
+        kind="stage",
+        data={"stage": "refine"},
+    )
+    refined = refine(
+        model,
+        dataset,
+        rspec,
+        device=torch_device,
+        callbacks=callbacks,
+        state_dir=workdir,
+        preprocessing=preprocessing,
+    )
+    model.load_state_dict(refined.best_state)
+    model.eval()
+
+    # evaluate ---------------------------------------------------------------------------------
+    callbacks.event(
+        f"evaluate: selected epoch {refined.best_epoch} on val ({rspec.metric} "
+        f"{refined.best_val.get(rspec.metric, float('nan')):.4f})",
+        kind="stage",
+        data={"stage": "evaluate"},
+    )
+    callbacks.progress(stage="evaluate", step=0, total=1)
+    test_metrics: dict[str, float] = {}
+    if dataset.x_test is not None and dataset.y_test is not None and len(dataset.x_test) > 0:
+        with out_of_memory_as_error(f"try a smaller finetune.batch_size (now {rspec.batch_size})"):
+            outputs = outputs_in_chunks(
+                model,
+                dataset.x_test,
+                device=torch_device,
+                transform=preprocessing.normaliser.transform,
+            )
+        metric_outputs = outputs_for_metrics(
+            rspec.task_type, outputs, dataset.y_test, preprocessing.target_scaler
+        )
+        test_metrics = compute_metrics(rspec.task_type, dataset.y_test, metric_outputs)
+        callbacks.event(
+            f"test {rspec.metric}: {test_metrics.get(rspec.metric, float('nan')):.4f}",
+            kind="metric",
+            data={"stage": "evaluate", **{f"test_{k}": v for k, v in test_metrics.items()}},
+        )
+    callbacks.progress(stage="evaluate", step=1, total=1)
+
+    # export -----------------------------------------------------------------------------------
+    callbacks.event("export: writing the model bundle", kind="stage", data={"stage": "export"})
+    callbacks.progress(stage="export", step=0, total=1)
+    metrics = {
+        "val": refined.best_val,
+        "test": test_metrics,
+        "alignment": {"before": alignment["before"], "after": alignment["after"]},
+    }
+    curves = {
+        "alignment": alignment["curve"],
+        "refine": refined.history,
+        "best_epoch": refined.best_epoch,
+        "stopped_early": refined.stopped_early,
+    }
+    config = {
+        "resolved_spec": prepared["resolved_spec"],
+        "task_type": rspec.task_type,
+        "input_kind": dataset.info.input_kind,
+        "sample_shape": list(dataset.info.sample_shape),
+        "label_shape": prepared["target_shape"],
+        "dataset_info": prepared["info"],
+        "normaliser": prepared["normaliser"],
+        "target_scaler": prepared["target_scaler"],
+        "label_map": prepared["label_map"],
+        "backbone": rspec.backbone,
+        "alignment": {k: v for k, v in alignment.items() if k != "curve"},
+        "engine_version": orca_engine.__version__,
+    }
+    bundle = save_bundle(bundle_dir, model=model, config=config, metrics=metrics, curves=curves)
+    callbacks.progress(stage="export", step=1, total=1)
+    callbacks.event(
+        f"done in {time.monotonic() - started:.1f}s (this attempt)",
+        kind="stage",
+        data={"stage": "export"},
+    )
+    return JobResult(
+        bundle_dir=bundle,
+        metrics=metrics,
+        resolved_spec=prepared["resolved_spec"],
+        curves=curves,
+    )

@@ -1,0 +1,405 @@
+"""Stage 3, refinement: fine-tune on the task loss and select the epoch on the validation split.
+
+One readable loop in the nanoGPT manner: a pure learning-rate schedule (:func:`lr_at`), batches
+drawn from numpy arrays with a seeded generator, an optimizer over the trainable parameters, a
+whole-split evaluation on val after every epoch, and a plain-dict resume file written after every
+epoch. The test split is never looked at here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orca_engine.checkpoint import load_stage, save_stage
+from orca_engine.data import Dataset, Normaliser, TargetScaler
+from orca_engine.device import (
+    autocast,
+    out_of_memory_as_error,
+    outputs_in_chunks,
+    restore_rng_state,
+    rng_state,
+    seed_everything,
+)
+from orca_engine.metrics import compute_metrics, higher_is_better
+from orca_engine.model import OrcaModel, set_trainable
+from orca_engine.progress import Callbacks
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "refine_state.pt"
+STATE_FORMAT_VERSION = 1
+#: the cosine schedule ends at this fraction of the base learning rate, not at zero
+LR_FLOOR_RATIO = 0.01
+GRAD_CLIP_NORM = 1.0
+SGD_MOMENTUM = 0.9
+#: how many progress reports one refinement run sends at most
+PROGRESS_REPORTS = 100
+
+REGRESSION_TASKS = ("regression", "dense_regression")
+
+
+@dataclass
+class RefineResult:
+    """What refinement produced: the per-epoch history and the epoch selected on val."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val: dict[str, float]
+    #: weights of the best epoch, on the CPU
+    best_state: dict[str, torch.Tensor] = field(repr=False)
+    stopped_early: bool
+
+
+@dataclass
+class Preprocessing:
+    """How raw arrays become model inputs/targets. Fitted on train only, saved with the model."""
+
+    normaliser: Normaliser
+    target_scaler: TargetScaler | None
+
+
+def fit_preprocessing(dataset: Dataset, task_type: str) -> Preprocessing:
+    """Fit the input normaliser (and, for regression, the target scaler) on the train split."""
+    normaliser = Normaliser.fit(dataset.x_train)
+    target_scaler = TargetScaler.fit(dataset.y_train) if task_type in REGRESSION_TASKS else None
+    return Preprocessing(normaliser=normaliser, target_scaler=target_scaler)
+
+
+# --- schedule, optimizer, loss ---------------------------------------------------------------
+
+
+def lr_at(
+    step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float
+) -> float:
+    """Learning rate at optimizer ``step`` (0-based): linear warmup, then cosine decay to a floor.
+
+    Warmup reaches ``base_lr`` at the last warmup step; decay then ends at ``base_lr * min_ratio``
+    on the final step and stays there (steps past ``total_steps`` never go below the floor).
+    """
+    if base_lr < 0 or not 0.0 <= min_ratio <= 1.0:
+        raise ValueError("lr_at needs base_lr >= 0 and 0 <= min_ratio <= 1")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (min_ratio + (1.0 - min_ratio) * cosine)
+
+
+def _uses_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    # Biases and normalisation scales/shifts are vectors; decaying them only hurts.
+    return parameter.ndim >= 2 and "norm" not in name.lower()
+
+
+def build_optimizer(model: nn.Module, rspec: Any) -> torch.optim.Optimizer:
+    """AdamW or SGD(momentum) over the trainable parameters, no weight decay on norms/biases.
+
+    Each parameter group remembers its ``base_lr`` so the schedule can scale it every step.
+    (``rspec.embedder_lr`` is alignment's; in refinement every part shares ``rspec.lr``.)
+    """
+    decayed: list[nn.Parameter] = []
+    not_decayed: list[nn.Parameter] = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decayed if _uses_weight_decay(name, parameter) else not_decayed).append(parameter)
+    if not decayed and not not_decayed:
+        raise ValueError("the model has no trainable parameters in this fine-tuning mode")
+    base_lr = float(rspec.lr)
+    groups = [
+        {"params": params, "lr": base_lr, "base_lr": base_lr, "weight_decay": decay}
+        for params, decay in ((decayed, float(rspec.weight_decay)), (not_decayed, 0.0))
+        if params
+    ]
+    if rspec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=float(rspec.lr), momentum=SGD_MOMENTUM)
+    return torch.optim.AdamW(groups, lr=float(rspec.lr))
+
+
+def targets_tensor(
+    task_type: str, y: np.ndarray, target_scaler: TargetScaler | None
+) -> torch.Tensor:
+    """Encoded labels as the loss wants them: int64 class ids, float 0/1, standardised floats."""
+    if task_type in ("classification", "dense_classification"):
+        return torch.from_numpy(np.asarray(y, dtype=np.int64))
+    if target_scaler is not None:
+        y = target_scaler.transform(y)
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+
+
+def task_loss(task_type: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, BCE-with-logits or MSE (on standardised targets), in float32."""
+    outputs = outputs.float()
+    if task_type == "classification":
+        return F.cross_entropy(outputs.reshape(len(outputs), -1), targets.reshape(-1))
+    if task_type == "dense_classification":
+        if targets.ndim == outputs.ndim:  # (B, 1, *S) ids
+            targets = targets[:, 0]
+        return F.cross_entropy(outputs, targets)
+    if task_type == "multilabel":
+        return F.binary_cross_entropy_with_logits(outputs.reshape(targets.shape), targets)
+    if task_type in REGRESSION_TASKS:
+        return F.mse_loss(outputs.reshape(targets.shape), targets)
+    raise ValueError(f"unknown task type {task_type!r}")
+
+
+def outputs_for_metrics(
+    task_type: str, outputs: np.ndarray, y_true: np.ndarray, target_scaler: TargetScaler | None
+) -> np.ndarray:
+    """Raw outputs in the units ``compute_metrics`` compares with ``y_true`` (original scale)."""
+    if task_type in REGRESSION_TASKS:
+        outputs = outputs.reshape(y_true.shape)
+        if target_scaler is not None:
+            outputs = target_scaler.inverse_transform(outputs)
+    return outputs
+
+
+def evaluate_split(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    task_type: str,
+    preprocessing: Preprocessing,
+    device: torch.device,
+) -> tuple[dict[str, float], float]:
+    """Task metrics and loss over a WHOLE split (outputs concatenated, never per-chunk averages)."""
+    model.eval()
+    outputs = outputs_in_chunks(
+        model, x, device=device, transform=preprocessing.normaliser.transform
+    )
+    loss = task_loss(
+        task_type,
+        torch.from_numpy(outputs),
+        targets_tensor(task_type, y, preprocessing.target_scaler),
+    )
+    metric_outputs = outputs_for_metrics(task_type, outputs, y, preprocessing.target_scaler)
+    return compute_metrics(task_type, y, metric_outputs), float(loss)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def _epoch_batches(
+    n_samples: int, batch_size: int, generator: torch.Generator
+) -> Iterator[np.ndarray]:
+    order = torch.randperm(n_samples, generator=generator).numpy()
+    for start in range(0, n_samples, batch_size):
+        # Sorted indices read a memory-mapped array front to back; the loss does not care.
+        yield np.sort(order[start : start + batch_size])
+
+
+def _is_better(value: float, best: float | None, *, higher: bool) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best if higher else value < best  # ties keep the earlier epoch
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def refine(
+    model: OrcaModel,
+    dataset: Dataset,
+    rspec: Any,
+    *,
+    device: torch.device | str,
+    callbacks: Callbacks | None = None,
+    state_dir: str | Path | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> RefineResult:
+    """Fine-tune ``model`` on ``dataset``'s train split; select the best epoch on val.
+
+    ``rspec`` is the resolved spec (task type, metric, mode, epochs, lr, batch size, ...).
+    ``preprocessing`` defaults to one fitted on train here; the pipeline passes the one it saves
+    with the model. With ``state_dir`` the loop resumes from ``refine_state.pt`` written after each
+    completed epoch and, on CPU, ends with the same weights as an uninterrupted run.
+    On return ``model`` holds the LAST epoch's weights; ``best_state`` holds the selected ones.
+    """
+    callbacks = callbacks or Callbacks()
+    device = torch.device(device)
+    task_type: str = rspec.task_type
+    metric: str = rspec.metric
+    higher = higher_is_better(metric)
+    preprocessing = preprocessing or fit_preprocessing(dataset, task_type)
+    normalise = preprocessing.normaliser.transform
+
+    n_train = len(dataset.x_train)
+    batch_size = max(1, min(int(rspec.batch_size), n_train))
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    epochs = int(rspec.finetune_epochs)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = round(float(rspec.warmup_fraction) * total_steps)
+    patience = int(rspec.early_stopping_patience)
+    progress_every = max(1, total_steps // PROGRESS_REPORTS)
+
+    model.to(device)
+    set_trainable(model, rspec.finetune_mode)
+    optimizer = build_optimizer(model, rspec)
+    generator = torch.Generator().manual_seed(int(rspec.seed))
+    y_train = targets_tensor(task_type, dataset.y_train, preprocessing.target_scaler)
+
+    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    fingerprint = rspec.to_dict() if hasattr(rspec, "to_dict") else None
+    history: list[dict[str, Any]] = []
+    best_epoch, best_score, best_val = -1, None, {}
+    best_state: dict[str, torch.Tensor] = {}
+    epochs_since_best, stopped_early, start_epoch = 0, False, 0
+
+    saved = load_stage(state_path) if state_path is not None else None
+    if saved is not None and saved.get("spec") != fingerprint:
+        logger.warning("ignoring %s: it was written for a different spec", state_path)
+        saved = None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        restore_rng_state(saved["rng"], generator)
+        history, best_epoch, best_val = saved["history"], saved["best_epoch"], saved["best_val"]
+        best_score, best_state = saved["best_score"], saved["best_state"]
+        epochs_since_best, stopped_early = saved["epochs_since_best"], saved["stopped_early"]
+        start_epoch = saved["epoch"]
+        callbacks.event(f"refine resumes after epoch {start_epoch}/{epochs}", kind="stage")
+    else:
+        # Refinement's randomness (order, dropout) must not depend on what ran before it, or a
+        # run resumed after alignment would differ from an uninterrupted one.
+        seed_everything(int(rspec.seed))
+        generator.manual_seed(int(rspec.seed))
+
+    finished = stopped_early or start_epoch >= epochs
+    global_step = start_epoch * steps_per_epoch
+    hint = f"try a smaller finetune.batch_size (now {batch_size})"
+    for epoch in range(start_epoch, epochs):
+        if finished:
+            break
+        started = time.monotonic()
+        model.train()
+        loss_sum, seen, lr = 0.0, 0, 0.0
+        for batch_indices in _epoch_batches(n_train, batch_size, generator):
+            callbacks.check_cancelled()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(
+                    global_step,
+                    base_lr=group["base_lr"],
+                    warmup_steps=warmup_steps,
+                    total_steps=total_steps,
+                    min_ratio=LR_FLOOR_RATIO,
+                )
+            lr = optimizer.param_groups[0]["lr"]
+            inputs = torch.from_numpy(normalise(np.asarray(dataset.x_train[batch_indices])))
+            targets = y_train[torch.from_numpy(batch_indices)]
+            with out_of_memory_as_error(hint):
+                inputs, targets = inputs.to(device), targets.to(device)
+                with autocast(device):
+                    outputs = model(inputs)
+                loss = task_loss(task_type, outputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], GRAD_CLIP_NORM
+                )
+                optimizer.step()
+            batch_loss = float(loss.detach())
+            loss_sum += batch_loss * len(batch_indices)
+            seen += len(batch_indices)
+            global_step += 1
+            if global_step % progress_every == 0 or global_step == total_steps:
+                callbacks.progress(
+                    stage="refine",
+                    step=global_step,
+                    total=total_steps,
+                    metrics={"train_loss": batch_loss, "lr": lr},
+                )
+
+        with out_of_memory_as_error(hint):
+            val_metrics, val_loss = evaluate_split(
+                model,
+                dataset.x_val,
+                dataset.y_val,
+                task_type=task_type,
+                preprocessing=preprocessing,
+                device=device,
+            )
+        score = val_metrics.get(metric, float("nan"))
+        train_loss = loss_sum / max(1, seen)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val": val_metrics,
+            "lr": lr,
+            "seconds": time.monotonic() - started,
+        }
+        history.append(record)
+        if _is_better(score, best_score, higher=higher):
+            best_epoch, best_score, best_val = epoch + 1, score, val_metrics
+            best_state = _cpu_copy(model.state_dict())
+            epochs_since_best = 0
+        else:
+            epochs_since_best += 1
+        stopped_early = patience > 0 and epochs_since_best >= patience and epoch + 1 < epochs
+        callbacks.event(
+            f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
+            f"val loss {val_loss:.4f}, val {metric} {score:.4f}"
+            + (" (best so far)" if best_epoch == epoch + 1 else ""),
+            kind="metric",
+            data={
+                "stage": "refine",
+                **{k: v for k, v in record.items() if k != "val"},
+                **{f"val_{k}": v for k, v in val_metrics.items()},
+            },
+        )
+        callbacks.progress(
+            stage="refine",
+            step=global_step,
+            total=total_steps,
+            metrics={"train_loss": train_loss, f"val_{metric}": score},
+        )
+        if state_path is not None:
+            save_stage(
+                state_path,
+                {
+                    "format_version": STATE_FORMAT_VERSION,
+                    "spec": fingerprint,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(generator),
+                    "history": history,
+                    "best_epoch": best_epoch,
+                    "best_score": best_score,
+                    "best_val": best_val,
+                    "best_state": best_state,
+                    "epochs_since_best": epochs_since_best,
+                    "stopped_early": stopped_early,
+                },
+            )
+        if stopped_early:
+            callbacks.event(
+                f"early stopping after epoch {epoch + 1}: val {metric} has not improved for "
+                f"{patience} epochs (best {best_score:.4f} at epoch {best_epoch})",
+                kind="log",
+            )
+            finished = True
+
+    if best_epoch < 0:
+        raise ValueError("refinement ran no epoch (finetune.epochs must be at least 1)")
+    return RefineResult(
+        history=history,
+        best_epoch=best_epoch,
+        best_val=best_val,
+        best_state=best_state,
+        stopped_early=stopped_early,
+    )

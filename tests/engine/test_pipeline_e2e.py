@@ -1,0 +1,268 @@
+"""Whole jobs through ``run_job`` and ``python -m orca_engine`` on aeon's GunPoint.
+
+The resume and CLI tests use the tiny random ``tiny-bert``; one module-scoped job runs the real
+packaged MiniLM end to end (OTDD alignment + full fine-tuning) and several tests read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orca_engine.data import load_dataset
+from orca_engine.errors import JobCancelled, SpecError
+from orca_engine.metrics import compute_metrics
+from orca_engine.pipeline import JobResult, overall_progress, run_job
+from orca_engine.predict import load_model
+from orca_engine.progress import Callbacks
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Recorder(Callbacks):
+    """Keeps every event and progress call; optionally cancels at a given refine step."""
+
+    def __init__(self, cancel_at_refine_step: int | None = None) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.progress_calls: list[tuple[str, int, int]] = []
+        self.cancel_at = cancel_at_refine_step
+
+    def event(self, message: str, *, kind: str = "log", data: dict[str, Any] | None = None) -> None:
+        self.events.append((kind, message))
+
+    def progress(
+        self, *, stage: str, step: int, total: int, metrics: dict[str, float] | None = None
+    ) -> None:
+        self.progress_calls.append((stage, step, total))
+        if self.cancel_at is not None and stage == "refine" and step >= self.cancel_at:
+            raise JobCancelled()
+
+
+def test_overall_progress_fills_one_bar_across_stages() -> None:
+    with_align = [
+        overall_progress(stage, step, 10, True)
+        for stage in ("prepare", "align", "refine", "evaluate", "export")
+        for step in range(11)
+    ]
+    assert with_align == sorted(with_align)
+    assert with_align[0] == 0.0 and with_align[-1] == pytest.approx(1.0)
+    assert overall_progress("align", 10, 10, True) == pytest.approx(0.30)
+    assert overall_progress("refine", 5, 10, True) == pytest.approx(0.60)
+    # Without alignment refinement takes its share: half of refine is past the old midpoint.
+    assert overall_progress("refine", 5, 10, False) == pytest.approx(0.05 + 0.85 / 2)
+
+
+TINY_SPEC: dict[str, Any] = {
+    "dataset_id": "gunpoint",
+    "backbone": "tiny-bert",
+    "alignment": {"distance": "none"},
+    "finetune": {"epochs": 3, "lr": 1e-3},
+    "seed": 7,
+}
+
+
+def _weights(bundle: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(bundle / "model.safetensors"))
+
+
+def test_a_killed_job_resumes_to_the_same_weights_and_metrics(
+    gunpoint_npz: Path, tmp_path: Path
+) -> None:
+    overrides = {"token_budget": 16}
+    straight = run_job(
+        TINY_SPEC,
+        gunpoint_npz,
+        tmp_path / "work-straight",
+        bundle_dir=tmp_path / "straight",
+        device="cpu",
+        resolved_overrides=overrides,
+    )
+
+    # 40 train samples / batch 8 = 5 steps per epoch; die during epoch 3.
+    killer = Recorder(cancel_at_refine_step=12)
+    with pytest.raises(JobCancelled):
+        run_job(
+            TINY_SPEC,
+            gunpoint_npz,
+            tmp_path / "work",
+            bundle_dir=tmp_path / "resumed",
+            device="cpu",
+            callbacks=killer,
+            resolved_overrides=overrides,
+        )
+    assert not (tmp_path / "resumed").exists(), "no bundle before the job finishes"
+    assert (tmp_path / "work" / "prepare.json").exists()
+    assert (tmp_path / "work" / "refine_state.pt").exists()
+
+    recorder = Recorder()
+    resumed = run_job(
+        TINY_SPEC,
+        gunpoint_npz,
+        tmp_path / "work",
+        bundle_dir=tmp_path / "resumed",
+        device="cpu",
+        callbacks=recorder,
+        resolved_overrides=overrides,
+    )
+    assert any("resumes after epoch 2/3" in message for _, message in recorder.events)
+    assert resumed.metrics == straight.metrics
+    assert resumed.resolved_spec == straight.resolved_spec
+    expected, got = _weights(straight.bundle_dir), _weights(resumed.bundle_dir)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_a_local_backbone_outside_the_model_dirs_is_refused(
+    gunpoint_npz: Path, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "models"
+    allowed.mkdir()
+    spec = {**TINY_SPEC, "backbone": f"hf:{tmp_path / 'elsewhere' / 'bert'}"}
+    with pytest.raises(SpecError) as error:
+        run_job(
+            spec, gunpoint_npz, tmp_path / "work", bundle_dir=tmp_path / "b", model_dirs=[allowed]
+        )
+    assert error.value.param == "backbone"
+    assert "not inside an allowed model directory" in error.value.message
+
+
+def test_cli_runs_a_job_and_predicts(gunpoint_npz: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "2"}
+    bundle = tmp_path / "model"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "orca_engine", "run",
+            "--data", str(gunpoint_npz),
+            "--set", "backbone=tiny-bert",
+            "--set", "alignment.distance=none",
+            "--set", "finetune.epochs=1",
+            "--out", str(bundle),
+            "--device", "cpu",
+        ],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads(run.stdout)
+    assert set(metrics) == {"val", "test", "alignment"}
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert "refine: full fine-tuning" in run.stderr, "progress is logged"
+    assert json.loads((bundle / "metrics.json").read_text()) == metrics
+
+    x = np.load(gunpoint_npz)["x_test"][:3]
+    np.save(tmp_path / "x.npy", x)
+    predict = subprocess.run(
+        [sys.executable, "-m", "orca_engine", "predict", "--model", str(bundle), "--input", str(tmp_path / "x.npy")],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert predict.returncode == 0, predict.stderr
+    answer = json.loads(predict.stdout)
+    assert len(answer["predictions"]) == 3
+    assert set(answer["predictions"]) <= {1, 2}, "labels come back as the upload's 1/2"
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "orca_engine", "run", "--data", str(gunpoint_npz), "--set", "finetune.lr=-1", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "finetune.lr" in bad.stderr
+
+
+# --- the real MiniLM, end to end -----------------------------------------------------------------
+
+# Small budget, chosen so the job finishes in about 1-3 minutes on a busy 2-core CPU.
+# max_samples caps both the target subsample (all 40 GunPoint train rows fit) and the proxy.
+MINILM_SPEC: dict[str, Any] = {
+    "dataset_id": "gunpoint",
+    "backbone": "minilm-l6",
+    "alignment": {"distance": "otdd", "source": "english-text", "epochs": 10, "max_samples": 500},
+    "finetune": {"epochs": 20, "lr": 1e-4, "batch_size": 8},
+    "seed": 0,
+}
+MINILM_OVERRIDES = {"token_budget": 32}
+
+
+@pytest.fixture(scope="module")
+def minilm_job(
+    gunpoint_npz: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[JobResult, Recorder, float]:
+    root = tmp_path_factory.mktemp("minilm")
+    recorder = Recorder()
+    started = time.monotonic()
+    result = run_job(
+        MINILM_SPEC,
+        gunpoint_npz,
+        root / "work",
+        bundle_dir=root / "bundle",
+        device="cpu",
+        callbacks=recorder,
+        proxy_cache_dir=root / "proxy-cache",
+        resolved_overrides=MINILM_OVERRIDES,
+    )
+    seconds = time.monotonic() - started
+    print(
+        f"\nMiniLM GunPoint: test {result.metrics['test']}, val {result.metrics['val']}, "
+        f"otdd {result.metrics['alignment']}, {seconds:.1f}s"
+    )
+    return result, recorder, seconds
+
+
+def test_minilm_alignment_reduces_otdd(minilm_job: tuple[JobResult, Recorder, float]) -> None:
+    result, recorder, _ = minilm_job
+    alignment = result.metrics["alignment"]
+    assert alignment["after"] < alignment["before"]
+    assert len(result.curves["alignment"]) >= 2
+    assert any(kind == "choice" for kind, _ in recorder.events), "auto choices are explained"
+    stages = [stage for stage, _, _ in recorder.progress_calls]
+    assert stages.index("align") < stages.index("refine") < stages.index("export")
+
+
+def test_minilm_beats_chance_on_the_test_split(
+    minilm_job: tuple[JobResult, Recorder, float],
+) -> None:
+    result, _, _ = minilm_job
+    # Chance is 0.5 (std 0.04 on 150 test series). With this CPU-sized budget we measured test
+    # accuracy 0.63-0.66 over five settings (AUROC ~0.82): the 10-series val split makes epoch
+    # selection coarse. 0.6 is what this budget reliably clears, not the 0.75 we aimed for.
+    assert result.metrics["test"]["accuracy"] >= 0.6
+    history = result.curves["refine"]
+    assert result.curves["best_epoch"] == 1 + int(
+        np.argmax([h["val"]["accuracy"] for h in history])
+    )
+
+
+def test_minilm_bundle_reloads_with_identical_test_predictions(
+    minilm_job: tuple[JobResult, Recorder, float], gunpoint_npz: Path
+) -> None:
+    result, _, _ = minilm_job
+    bundle = result.bundle_dir
+    assert json.loads((bundle / "metrics.json").read_text()) == result.metrics
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["resolved_spec"] == result.resolved_spec
+    assert config["model"]["backbone"]["name"] == "minilm-l6"
+
+    predictor = load_model(bundle)
+    dataset = load_dataset(gunpoint_npz, seed=0)
+    assert dataset.x_test is not None and dataset.y_test is not None
+    outputs = predictor.outputs(dataset.x_test)
+    # The same numbers the job reported: the reloaded model is the selected checkpoint.
+    assert compute_metrics("classification", dataset.y_test, outputs) == result.metrics["test"]
+    prediction = predictor.predict(dataset.x_test)
+    raw_labels = np.load(gunpoint_npz)["y_test"]
+    accuracy = float(np.mean(np.asarray(prediction.predictions) == raw_labels))
+    assert accuracy == pytest.approx(result.metrics["test"]["accuracy"])
+
+
+def test_minilm_job_fits_the_time_budget(minilm_job: tuple[JobResult, Recorder, float]) -> None:
+    _, _, seconds = minilm_job
+    # ~160 s measured on 2 cores shared with other jobs; ~30 s of it is refine when cores are idle.
+    assert seconds < 420

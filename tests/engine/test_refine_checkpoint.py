@@ -1,0 +1,366 @@
+"""Stage 3 (refine), the exported bundle and the predictor, on a tiny random backbone."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from orca_engine import checkpoint
+from orca_engine.backbones import create_backbone
+from orca_engine.checkpoint import load_weights, save_bundle, save_weights
+from orca_engine.data import Dataset, DatasetInfo, LabelMap, Normaliser
+from orca_engine.device import out_of_memory_as_error
+from orca_engine.errors import DataError, JobCancelled, OutOfMemory
+from orca_engine.model import OrcaModel, build_model
+from orca_engine.predict import load_model
+from orca_engine.progress import Callbacks
+from orca_engine.refine import lr_at, refine
+from orca_engine.specs import ResolvedSpec
+
+LENGTH = 24
+CLASSES = ["down", "up"]  # original labels are strings: predictions must come back as strings
+
+
+class Untouchable:
+    """Stands in for the test split: any read fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"refine touched the test split ({name})")
+
+    def __len__(self) -> int:
+        raise AssertionError("refine touched the test split (len)")
+
+    def __getitem__(self, item: Any) -> Any:
+        raise AssertionError("refine touched the test split (getitem)")
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("refine touched the test split (array)")
+
+
+def _split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    # Class = sign of a small offset buried in noise: learnable, but not at step 0.
+    y = rng.integers(0, 2, n)
+    x = 0.5 * (2 * y[:, None, None] - 1) + rng.normal(size=(n, 1, LENGTH))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def make_dataset(seed: int = 0, n_train: int = 96, n_val: int = 48) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x_train, y_train = _split(n_train, rng)
+    x_val, y_val = _split(n_val, rng)
+    info = DatasetInfo(
+        format="npz",
+        input_kind="seq1d",
+        sample_shape=(1, LENGTH),
+        label_shape=(),
+        task_type="classification",
+        n_classes=2,
+        classes=list(CLASSES),
+        splits={"train": n_train, "val": n_val, "test": 10},
+        label_kind="text",
+    )
+    return Dataset(
+        info=info,
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        x_test=Untouchable(),  # type: ignore[arg-type]
+        y_test=Untouchable(),  # type: ignore[arg-type]
+        label_map=LabelMap(CLASSES),
+    )
+
+
+def make_rspec(**changes: Any) -> ResolvedSpec:
+    values: dict[str, Any] = {
+        "task_type": "classification",
+        "metric": "accuracy",
+        "backbone": "tiny-bert",
+        "source": "english-text",
+        "distance": "none",
+        "align_epochs": 0,
+        "align_auto": False,
+        "max_samples": 100,
+        "finetune_mode": "full",
+        "finetune_epochs": 4,
+        "lr": 3e-3,
+        "embedder_lr": 1e-3,
+        "batch_size": 16,
+        "optimizer": "adamw",
+        "weight_decay": 0.01,
+        "warmup_fraction": 0.1,
+        "early_stopping_patience": 10,
+        "token_budget": 8,
+        "seed": 0,
+    }
+    values.update(changes)
+    return ResolvedSpec(**values)
+
+
+def make_model(dataset: Dataset, seed: int = 0) -> OrcaModel:
+    torch.manual_seed(seed)
+    return build_model(
+        info=dataset.info,
+        task_type="classification",
+        out_dim=2,
+        backbone=create_backbone("tiny-bert"),
+        token_budget=8,
+    )
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+# --- schedule ----------------------------------------------------------------------------------
+
+
+def test_lr_warms_up_then_decays_to_a_floor_and_is_never_negative() -> None:
+    base, total, warmup = 1e-3, 100, 10
+    lrs = [
+        lr_at(step, base_lr=base, warmup_steps=warmup, total_steps=total, min_ratio=0.01)
+        for step in range(total + 20)
+    ]
+    assert all(lr >= 0 for lr in lrs)
+    assert all(a < b for a, b in itertools.pairwise(lrs[:warmup])), "warmup rises"
+    assert lrs[0] > 0, "the first step already learns"
+    assert math.isclose(lrs[warmup - 1], base) and math.isclose(lrs[warmup], base)
+    decay = lrs[warmup:total]
+    assert all(a >= b for a, b in itertools.pairwise(decay)), "cosine decay never rises"
+    assert math.isclose(lrs[total - 1], base * 0.01) and math.isclose(lrs[-1], base * 0.01)
+    # No warmup and a zero floor: still never negative, ends at exactly zero.
+    no_floor = [
+        lr_at(s, base_lr=1.0, warmup_steps=0, total_steps=7, min_ratio=0.0) for s in range(10)
+    ]
+    assert no_floor[0] == 1.0 and min(no_floor) == 0.0
+    with pytest.raises(ValueError):
+        lr_at(0, base_lr=1.0, warmup_steps=0, total_steps=10, min_ratio=-0.5)
+
+
+# --- refine ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["layernorm", "frozen"])
+def test_partial_modes_change_only_their_parameters(mode: str) -> None:
+    dataset = make_dataset(n_train=32, n_val=16)
+    model = make_model(dataset)
+    before = snapshot(model)
+    refine(model, dataset, make_rspec(finetune_mode=mode, finetune_epochs=1), device="cpu")
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    # The backbone's own input embedding layer never sees target data (the embedder replaces it).
+    norms = {
+        f"backbone.{n}"
+        for n in model.backbone.layernorm_parameter_names()
+        if not n.startswith("model.embeddings.")
+    }
+    if mode == "frozen":
+        expected = {name for name in before if name.startswith("head.")}
+    else:
+        expected = {n for n in before if n.startswith(("head.", "embedder.")) or n in norms}
+    assert changed == expected
+    # Attention / feed-forward weights of the body stay pretrained in both modes.
+    assert not any(name.endswith(("query.weight", "dense.weight")) for name in changed)
+
+
+def test_refine_beats_chance_selects_on_val_and_never_reads_test() -> None:
+    dataset = make_dataset()
+    events: list[str] = []
+
+    class Recorder(Callbacks):
+        def event(
+            self, message: str, *, kind: str = "log", data: dict[str, Any] | None = None
+        ) -> None:
+            events.append(message)
+
+    result = refine(make_model(dataset), dataset, make_rspec(), device="cpu", callbacks=Recorder())
+    val_accuracy = [epoch["val"]["accuracy"] for epoch in result.history]
+    assert len(result.history) == 4 and not result.stopped_early
+    assert result.best_val["accuracy"] >= 0.75, val_accuracy  # chance is 0.5
+    # Best epoch = first argmax of the val metric (ties keep the earlier epoch).
+    assert result.best_epoch == int(np.argmax(val_accuracy)) + 1
+    assert result.best_val == result.history[result.best_epoch - 1]["val"]
+    assert all(t.device.type == "cpu" for t in result.best_state.values())
+    assert sum("epoch" in message and "val accuracy" in message for message in events) == 4
+
+
+def test_early_stopping_stops_after_patience_epochs() -> None:
+    dataset = make_dataset(n_train=32, n_val=16)
+    # lr tiny: val accuracy cannot improve after the first epoch.
+    rspec = make_rspec(lr=1e-9, finetune_epochs=8, early_stopping_patience=2)
+    result = refine(make_model(dataset), dataset, rspec, device="cpu")
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + 2
+
+
+class CancelAfter(Callbacks):
+    """Cancels the job once ``steps`` optimizer steps have been checked."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps_left = steps
+
+    def check_cancelled(self) -> None:
+        self.steps_left -= 1
+        if self.steps_left < 0:
+            raise JobCancelled()
+
+
+def test_refine_resumed_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    dataset = make_dataset(n_train=48, n_val=24)
+    rspec = make_rspec(finetune_epochs=4)  # 3 steps per epoch
+    straight = make_model(dataset)
+    expected = refine(straight, dataset, rspec, device="cpu")
+
+    interrupted = make_model(dataset)
+    with pytest.raises(JobCancelled):
+        # Killed in the middle of epoch 3: epochs 1-2 are on disk, epoch 3 is lost.
+        refine(
+            interrupted, dataset, rspec, device="cpu", callbacks=CancelAfter(7), state_dir=tmp_path
+        )
+    assert (tmp_path / "refine_state.pt").exists()
+    resumed_model = make_model(dataset, seed=123)  # a fresh process: different init, same file
+    resumed = refine(resumed_model, dataset, rspec, device="cpu", state_dir=tmp_path)
+
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+    for name, tensor in expected.best_state.items():
+        assert torch.equal(tensor, resumed.best_state[name]), name
+    assert resumed.best_epoch == expected.best_epoch
+    assert [h["val"] for h in resumed.history] == [h["val"] for h in expected.history]
+
+
+# --- checkpoint + predict ----------------------------------------------------------------------
+
+
+def _bundle_config(dataset: Dataset, normaliser: Normaliser) -> dict[str, Any]:
+    assert dataset.label_map is not None
+    return {
+        "task_type": "classification",
+        "sample_shape": list(dataset.info.sample_shape),
+        "label_shape": [],
+        "normaliser": normaliser.to_dict(),
+        "target_scaler": None,
+        "label_map": dataset.label_map.to_dict(),
+        "resolved_spec": make_rspec().to_dict(),
+    }
+
+
+def test_bundle_round_trip_predicts_identically_in_original_labels(tmp_path: Path) -> None:
+    dataset = make_dataset(n_train=32, n_val=40)
+    model = make_model(dataset).eval()
+    normaliser = Normaliser.fit(dataset.x_train)
+    bundle = tmp_path / "bundle"
+    save_bundle(
+        bundle,
+        model=model,
+        config=_bundle_config(dataset, normaliser),
+        metrics={"val": {"accuracy": 0.5}},
+        curves={"refine": []},
+    )
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "config.json",
+        "curves.json",
+        "metrics.json",
+        "model.safetensors",
+    ]
+    predictor = load_model(bundle)
+    with torch.inference_mode():
+        expected_logits = model(torch.from_numpy(normaliser.transform(dataset.x_val))).numpy()
+    prediction = predictor.predict(dataset.x_val)
+    assert prediction.predictions == [CLASSES[i] for i in expected_logits.argmax(axis=1)]
+    assert set(prediction.predictions) <= set(CLASSES)
+    assert np.allclose(np.asarray(prediction.probabilities).sum(axis=1), 1.0)
+    np.testing.assert_array_equal(predictor.outputs(dataset.x_val), expected_logits)
+    # One sample (no batch axis) is answered as a batch of one, as nested JSON-able lists.
+    single = predictor.predict(dataset.x_val[0].tolist())
+    assert single.predictions == prediction.predictions[:1]
+
+
+@pytest.mark.parametrize(
+    ("bad_input", "message"),
+    [
+        (
+            np.zeros((2, 1, LENGTH + 1)),
+            "expected one sample of shape (1, 24) or a batch of shape (N, 1, 24); got shape (2, 1, 25)",
+        ),
+        (np.zeros((LENGTH,)), "got shape (24,)"),
+        (np.array([["a"] * LENGTH]), "must be numeric"),
+        (np.full((1, LENGTH), np.nan), "NaN or infinite"),
+        ([[0.0] * LENGTH, [0.0]], "numeric"),
+    ],
+)
+def test_predictor_rejects_bad_inputs_with_a_clear_message(
+    tmp_path: Path, bad_input: Any, message: str
+) -> None:
+    dataset = make_dataset(n_train=16, n_val=8)
+    bundle = save_bundle(
+        tmp_path / "bundle",
+        model=make_model(dataset),
+        config=_bundle_config(dataset, Normaliser.fit(dataset.x_train)),
+        metrics={},
+        curves={},
+    )
+    with pytest.raises(DataError) as error:
+        load_model(bundle).predict(bad_input)
+    assert message in str(error.value)
+    assert error.value.code == "dataset_invalid"
+
+
+def test_a_failed_save_leaves_no_half_written_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = make_dataset(n_train=16, n_val=8)
+    model = make_model(dataset)
+    config = _bundle_config(dataset, Normaliser.fit(dataset.x_train))
+    target = tmp_path / "bundle"
+    real_write_json = checkpoint.write_json
+
+    def crash_on_metrics(path: Path, payload: Any) -> None:
+        if path.name == "metrics.json":
+            raise OSError("disk full")
+        real_write_json(path, payload)
+
+    monkeypatch.setattr(checkpoint, "write_json", crash_on_metrics)
+    with pytest.raises(OSError, match="disk full"):
+        save_bundle(target, model=model, config=config, metrics={"a": 1}, curves={})
+    assert list(tmp_path.iterdir()) == [], "neither the bundle nor its temp dir is left behind"
+
+    # An existing complete bundle survives a failed re-save untouched.
+    monkeypatch.setattr(checkpoint, "write_json", real_write_json)
+    save_bundle(target, model=model, config=config, metrics={"version": 1}, curves={})
+    monkeypatch.setattr(checkpoint, "write_json", crash_on_metrics)
+    with pytest.raises(OSError):
+        save_bundle(target, model=model, config=config, metrics={"version": 2}, curves={})
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert (target / "metrics.json").read_text().count('"version": 1') == 1
+
+
+def test_tied_weights_are_stored_once_and_reloaded_strictly(tmp_path: Path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Embedding(10, 4)
+            self.decoder = nn.Linear(4, 10, bias=False)
+            self.decoder.weight = self.encoder.weight
+
+    source = Tied()
+    save_weights(source, tmp_path / "w.safetensors")
+    target = Tied()
+    load_weights(target, tmp_path / "w.safetensors")
+    assert torch.equal(target.decoder.weight, source.encoder.weight)
+    assert target.decoder.weight is target.encoder.weight
+
+
+def test_device_oom_becomes_an_actionable_error() -> None:
+    with (
+        pytest.raises(OutOfMemory, match=r"smaller finetune\.batch_size") as error,
+        out_of_memory_as_error("try a smaller finetune.batch_size"),
+    ):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert error.value.code == "out_of_memory"
