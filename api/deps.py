@@ -74,7 +74,14 @@ def get_current_tenant(
             "send your API key as 'Authorization: Bearer <key>'",
             headers=challenge,
         )
-    tenant = tenant_for_key(db_session, credentials.credentials)
+    try:
+        tenant = tenant_for_key(db_session, credentials.credentials)
+    finally:
+        # Return the connection to the pool in this same worker thread. Held across the
+        # request's awaits (a streaming upload, a shared forward pass), one connection per
+        # in-flight request ran the pool dry, and threads blocked on it starved the requests
+        # that held one: everything hung for the pool timeout. Routes check out again on use.
+        db_session.close()
     if tenant is None:
         raise ApiError(
             401, "invalid_api_key", "the API key is invalid or revoked", headers=challenge

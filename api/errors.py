@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError as DatabaseDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ async def _validation_error_handler(_request: Request, exc: Exception) -> JSONRe
 async def _http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    if status == 400:
+        # FastAPI's "could not parse the body" (bad JSON, bad encoding): content the client
+        # sent is invalid, which this API always answers with 422.
+        return error_response(422, "invalid_json", "the request body is not valid JSON")
     code = {
         404: "not_found",
         405: "method_not_allowed",
@@ -173,6 +178,17 @@ async def _http_error_handler(_request: Request, exc: Exception) -> JSONResponse
     if status == 404 and message == "Not Found":
         message = "no such route"
     return error_response(status, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _database_data_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value the request carried (a NUL character, a string longer than
+    # its column): that is the client's data, not a server fault.
+    logger.info("database refused a value on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        422,
+        "invalid_value",
+        "a value in the request cannot be stored (control characters such as NUL, or too long)",
+    )
 
 
 async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -185,4 +201,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(DatabaseDataError, _database_data_error_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)

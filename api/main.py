@@ -55,6 +55,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.info("ORCA API starting (storage %s)", settings.resolved_storage_dir)
+        try:
+            removed = app.state.storage.sweep_stale_tmp(
+                max_age_seconds=settings.stale_upload_max_age_seconds
+            )
+            if removed:
+                logger.info("removed %d stale temp upload(s)", len(removed))
+        except OSError as exc:  # an unwritable storage shows up in /readyz; start anyway
+            logger.warning("could not sweep stale temp uploads: %s", exc)
         yield
 
     app = FastAPI(

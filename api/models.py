@@ -33,6 +33,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
+#: What every id made by :func:`new_id` looks like; anything else cannot name an object.
+ID_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
+_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def looks_like_id(value: str) -> bool:
+    """True when ``value`` could be an id of ours (checked before it reaches the database, which
+    refuses some strings outright, e.g. ones with NUL characters)."""
+    return 0 < len(value) <= 64 and set(value) <= _ID_CHARACTERS
+
+
 def utcnow() -> datetime:
     """Timezone-aware now in UTC (every timestamp column stores and returns these)."""
     return datetime.now(UTC)

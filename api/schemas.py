@@ -358,3 +358,55 @@ class PredictResponse(BaseModel):
 class HealthStatus(BaseModel):
     status: str = Field(examples=["ok"])
     checks: dict[str, str] = Field(default_factory=dict, examples=[{"database": "ok"}])
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` object of every non-2xx answer (extra keys: ``report``, ``details``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["invalid_request_error"])
+    code: str = Field(examples=["invalid_value"])
+    message: str
+    param: str | None = Field(default=None, description="the field the error is about")
+
+
+class ErrorEnvelope(BaseModel):
+    """``{"error": {"type", "code", "message", "param"}}``."""
+
+    error: ErrorDetail
+
+
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    401: "missing, invalid or revoked API key",
+    404: "unknown id, or an object of another tenant",
+    409: "state conflict",
+    413: "request body or upload over a size limit",
+    415: "unsupported content type",
+    422: "invalid request; `param` names the field",
+    429: "over a rate or concurrency limit; see Retry-After",
+    503: "a dependency (database, broker) is unavailable; retry shortly",
+}
+_RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}
+}
+
+
+def error_responses(
+    *statuses: int, descriptions: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses, each carrying the envelope schema."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {
+            "model": ErrorEnvelope,
+            "description": (descriptions or {}).get(status, ERROR_DESCRIPTIONS[status]),
+        }
+        if status in (429, 503):
+            entry["headers"] = _RETRY_AFTER_HEADER
+        responses[status] = entry
+    return responses
+
+
+# Every /v1 route: no or bad key, unknown id (or another tenant's), invalid parameters.
+COMMON_ERROR_RESPONSES = error_responses(401, 404, 422)

@@ -11,7 +11,9 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,30 @@ from api.config import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 ALLOWED_DATASET_EXTENSIONS = ("npz", "csv", "parquet")
+# Temp uploads are named after the process writing them ("upload-<pid>@<host>~<random>.<ext>")
+# so a restarted API can tell its dead predecessor's leftovers from a live neighbour's uploads.
+_TMP_OWNER_END = "~"
+
+
+def _tmp_upload_prefix() -> str:
+    return f"upload-{os.getpid()}@{socket.gethostname()}{_TMP_OWNER_END}"
+
+
+def _tmp_owner_is_dead(name: str) -> bool:
+    """True when a temp file's name says it belongs to a process on this host that is gone."""
+    if not name.startswith("upload-") or _TMP_OWNER_END not in name:
+        return False
+    owner = name[len("upload-") : name.index(_TMP_OWNER_END)]
+    pid_text, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class BlobTooLarge(Exception):
@@ -59,7 +85,7 @@ class BlobWriter:
         self.bytes_written = 0
         tmp_dir = storage.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=f".{ext}")
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=_tmp_upload_prefix(), suffix=f".{ext}")
         self._tmp_path = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._done = False
@@ -214,6 +240,25 @@ class LocalStorage:
                 except OSError:  # removed while walking
                     continue
         return total
+
+    def sweep_stale_tmp(self, *, max_age_seconds: float) -> list[Path]:
+        """Remove temp files left by crashed uploads: those of a process on this host that no
+        longer runs, and anything older than ``max_age_seconds``. Returns what was removed."""
+        tmp_dir = self.root / "tmp"
+        if not tmp_dir.is_dir():
+            return []
+        removed: list[Path] = []
+        cutoff = time.time() - max_age_seconds
+        for path in tmp_dir.iterdir():
+            try:
+                if not path.is_file():
+                    continue
+                if _tmp_owner_is_dead(path.name) or path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+            except OSError:  # removed by someone else meanwhile
+                continue
+        return removed
 
     def check_writable(self) -> None:
         """Raise ``OSError`` unless a file can be created and removed under the root."""

@@ -50,9 +50,13 @@ def upload_extension(filename: str) -> str | None:
     return suffix if suffix in ALLOWED_DATASET_EXTENSIONS else None
 
 
+def _printable(text: str) -> str:
+    return "".join(ch for ch in text if ch.isprintable())
+
+
 def _display_name(filename: str) -> str:
     # Browsers may send a full client path; keep the last component, for display only.
-    return PureWindowsPath(PurePosixPath(filename).name).name[:255]
+    return _printable(PureWindowsPath(PurePosixPath(filename).name).name)[:200]
 
 
 def too_large_error(limit: int) -> ApiError:
@@ -171,7 +175,7 @@ class _UploadParser:
 
     def _on_part_end(self) -> None:
         if self._part in TEXT_FIELDS:
-            self.fields[self._part] = self._buffer.decode("utf-8", "replace").strip()
+            self.fields[self._part] = _printable(self._buffer.decode("utf-8", "replace")).strip()
         self._part = None
 
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Query
 
+from api.models import ID_PATTERN
 from api.schemas import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 Limit = Annotated[
@@ -14,6 +15,6 @@ Limit = Annotated[
 ]
 After = Annotated[
     str | None,
-    Query(max_length=64, description="the last id of the previous page"),
+    Query(max_length=64, pattern=ID_PATTERN, description="the last id of the previous page"),
 ]
 DEFAULT_LIMIT = DEFAULT_PAGE_SIZE

@@ -8,11 +8,11 @@ from starlette.concurrency import run_in_threadpool
 from api import metrics as prom
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from api.routes.common import DEFAULT_LIMIT, After, Limit
-from api.schemas import DatasetPublic, DatasetsPublic
+from api.schemas import COMMON_ERROR_RESPONSES, DatasetPublic, DatasetsPublic, error_responses
 from api.services import datasets as service
 from api.uploads import receive_dataset_upload
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=COMMON_ERROR_RESPONSES)
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -51,10 +51,14 @@ _UPLOAD_BODY = {
     response_model=DatasetPublic,
     summary="Upload a dataset",
     openapi_extra=_UPLOAD_BODY,
-    responses={
-        413: {"description": "over the upload or decompressed-size limit"},
-        422: {"description": "invalid content; `error.report` lists every problem"},
-    },
+    responses=error_responses(
+        413,
+        422,
+        descriptions={
+            413: "over the upload, decompressed-size or per-tenant storage limit",
+            422: "invalid content; `error.report` lists every problem",
+        },
+    ),
 )
 async def create_dataset(
     request: Request,
@@ -101,7 +105,7 @@ def get_dataset(dataset_id: str, tenant: CurrentTenant, db_session: SessionDep) 
     "/{dataset_id}",
     status_code=204,
     summary="Delete a dataset",
-    responses={409: {"description": "an unfinished job uses it"}},
+    responses=error_responses(409, descriptions={409: "an unfinished job uses it"}),
 )
 def delete_dataset(
     dataset_id: str, tenant: CurrentTenant, db_session: SessionDep, storage: StorageDep

@@ -17,16 +17,18 @@ from api.models import Job
 from api.plots import job_plot
 from api.routes.common import DEFAULT_LIMIT, After, Limit
 from api.schemas import (
+    COMMON_ERROR_RESPONSES,
     JOB_CREATE_EXAMPLES,
     JobEventPublic,
     JobEventsPublic,
     JobPublic,
     JobsPublic,
+    error_responses,
 )
 from api.services import jobs as service
 from orca_engine.specs import JobSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERROR_RESPONSES)
 
 SSE_BATCH = 500
 SSE_PING_SECONDS = 15
@@ -39,11 +41,20 @@ SSE_PING_SECONDS = 15
     summary="Create a fine-tuning job",
     responses={
         200: {"description": "an earlier request with this Idempotency-Key made the job"},
-        404: {"description": "no such dataset (param `dataset_id`)"},
-        409: {"description": "Idempotency-Key reused with a different body"},
-        422: {"description": "invalid or impossible spec; `param` names the field"},
-        429: {"description": "too many unfinished jobs; see Retry-After"},
-        503: {"description": "the queue is unreachable; nothing was created"},
+        **error_responses(
+            404,
+            409,
+            422,
+            429,
+            503,
+            descriptions={
+                404: "no such dataset (param `dataset_id`)",
+                409: "Idempotency-Key reused with a different body",
+                422: "invalid or impossible spec; `param` names the field",
+                429: "too many unfinished jobs; see Retry-After",
+                503: "the queue is unreachable; nothing was created",
+            },
+        ),
     },
 )
 def create_job(
@@ -58,6 +69,7 @@ def create_job(
         Header(
             alias="Idempotency-Key",
             max_length=255,
+            pattern=r"^[ -~]+$",
             description="same key + same body → the same job; same key + another body → 409",
         ),
     ] = None,
@@ -98,7 +110,7 @@ def get_job(job_id: str, tenant: CurrentTenant, db_session: SessionDep) -> JobPu
     "/{job_id}/cancel",
     response_model=JobPublic,
     summary="Cancel a job",
-    responses={409: {"description": "the job already finished"}},
+    responses=error_responses(409, descriptions={409: "the job already finished"}),
 )
 def cancel_job(
     job_id: str, tenant: CurrentTenant, db_session: SessionDep, queue: QueueDep
@@ -192,7 +204,7 @@ def list_events(
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}},
-        404: {"description": "unknown plot or no data yet"},
+        **error_responses(404, descriptions={404: "unknown job or plot, or no data yet"}),
     },
 )
 def get_plot(

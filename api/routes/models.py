@@ -14,10 +14,17 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CurrentTenant, PredictServiceDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.routes.common import DEFAULT_LIMIT, After, Limit
-from api.schemas import ModelPublic, ModelsPublic, PredictRequest, PredictResponse
+from api.schemas import (
+    COMMON_ERROR_RESPONSES,
+    ModelPublic,
+    ModelsPublic,
+    PredictRequest,
+    PredictResponse,
+    error_responses,
+)
 from api.services import models as service
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=COMMON_ERROR_RESPONSES)
 
 NPY_CONTENT_TYPES = ("application/x-npy", "application/octet-stream")
 
@@ -139,8 +146,17 @@ def _parse_inputs(body: bytes, content_type: str) -> tuple[Any, bool]:
         }
     },
     responses={
-        422: {"description": "inputs of the wrong shape/dtype or with NaN (param `inputs`)"},
-        429: {"description": "over the per-tenant prediction rate; see Retry-After"},
+        **error_responses(
+            413,
+            415,
+            422,
+            429,
+            descriptions={
+                413: "the body is over ORCA_MAX_PREDICT_BODY_BYTES",
+                422: "inputs of the wrong shape/dtype or with NaN (param `inputs`)",
+                429: "over the per-tenant prediction rate; see Retry-After",
+            },
+        ),
     },
 )
 async def predict(
@@ -152,9 +168,17 @@ async def predict(
     storage: StorageDep,
     predictions: PredictServiceDep,
 ) -> PredictResponse:
-    model = await run_in_threadpool(
-        lambda: service.get_model(db_session=db_session, tenant_id=tenant.id, model_id=model_id)
-    )
+
+    def lookup() -> Any:
+        try:
+            return service.get_model(db_session=db_session, tenant_id=tenant.id, model_id=model_id)
+        finally:
+            # Give the pooled connection back now: the rest of the request waits on the body
+            # and a shared forward pass, and 64 clients holding one each exhausted the pool
+            # (requests hung for the pool timeout, then failed with 500).
+            db_session.close()
+
+    model = await run_in_threadpool(lookup)
     predictions.check_rate(tenant.id)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request, settings.max_predict_body_bytes)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from api.config import Settings
 from api.errors import ApiError, not_found
-from api.models import Dataset, Job, utcnow
+from api.models import Dataset, Job, looks_like_id, utcnow
 from api.services.pagination import fetch_page
 from api.storage import LocalStorage
 from api.uploads import FILE_FIELD, ReceivedUpload
@@ -123,6 +123,8 @@ def register_upload(
 
 def get_dataset(*, db_session: Session, tenant_id: str, dataset_id: str) -> Dataset:
     """The tenant's live dataset, or 404 (also for another tenant's id)."""
+    if not looks_like_id(dataset_id):
+        raise not_found("dataset", dataset_id)
     dataset = db_session.scalar(
         select(Dataset).where(
             Dataset.id == dataset_id, Dataset.tenant_id == tenant_id, Dataset.deleted_at.is_(None)

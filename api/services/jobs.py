@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from api.config import Settings
 from api.errors import ApiError, not_found
-from api.models import Job, JobEvent, Tenant, utcnow
+from api.models import Job, JobEvent, Tenant, looks_like_id, utcnow
 from api.queue import GPU_QUEUE, BrokerUnavailable, JobQueue
 from api.services.datasets import ACTIVE_JOB_STATUSES, get_dataset
 from api.services.pagination import fetch_page
@@ -99,6 +99,8 @@ def _check_source(*, db_session: Session, tenant_id: str, source: str) -> None:
 
 def get_job(*, db_session: Session, tenant_id: str, job_id: str, for_update: bool = False) -> Job:
     """The tenant's job, or 404 (also for another tenant's id)."""
+    if not looks_like_id(job_id):
+        raise not_found("job", job_id)
     query = select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
     if for_update:
         query = query.with_for_update()

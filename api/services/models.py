@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import not_found
-from api.models import Model
+from api.models import Model, looks_like_id
 from api.services.pagination import fetch_page
 from api.storage import LocalStorage
 
@@ -23,6 +23,8 @@ ZIP64_THRESHOLD = 2**31
 
 def get_model(*, db_session: Session, tenant_id: str, model_id: str) -> Model:
     """The tenant's model, or 404 (also for another tenant's id)."""
+    if not looks_like_id(model_id):
+        raise not_found("model", model_id)
     model = db_session.scalar(
         select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id)
     )

@@ -1,0 +1,94 @@
+"""A real stack for fault tests: fresh PostgreSQL database, Redis db 12, the API under uvicorn and
+one Celery worker process (tests/worker/harness.py), all stopped when the package's tests end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.db import session_scope
+from api.models import Job
+from tests.worker.harness import (
+    ApiClient,
+    Service,
+    create_api_key,
+    dedicated_redis_db,
+    free_port,
+    fresh_postgres_database,
+    service_env,
+    start_api,
+    start_worker,
+)
+
+RELIABILITY_REDIS_DB = 12
+HEARTBEAT_SECONDS = 1.0
+LOST_AFTER_SECONDS = 8.0
+MAX_ATTEMPTS = 2
+
+
+@dataclass
+class FaultStack:
+    database_url: str
+    broker_url: str
+    data_dir: Path
+    log_dir: Path
+    env: dict[str, str]
+    api: Service
+    worker: Service
+    client: ApiClient
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    def logs(self) -> str:
+        return f"--- worker log ---\n{self.worker.tail(60)}\n--- api log ---\n{self.api.tail(20)}"
+
+    def job_row(self, job_id: str) -> dict[str, Any]:
+        """The job as the database has it (status, attempts, worker, error, metrics)."""
+        with session_scope(self.database_url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return {
+                "status": job.status,
+                "stage": job.stage,
+                "attempts": job.attempts,
+                "worker_id": job.worker_id,
+                "error": job.error,
+                "metrics": job.metrics,
+                "model_id": job.model_id,
+            }
+
+
+@pytest.fixture(scope="package")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    data_dir = tmp_path_factory.mktemp("orca-fault-data")
+    log_dir = tmp_path_factory.mktemp("orca-fault-logs")
+    with (
+        fresh_postgres_database("orca_f") as database_url,
+        dedicated_redis_db(RELIABILITY_REDIS_DB) as broker_url,
+    ):
+        env = service_env(
+            database_url=database_url,
+            broker_url=broker_url,
+            data_dir=str(data_dir),
+            worker_heartbeat_seconds=str(HEARTBEAT_SECONDS),
+            worker_lost_after_seconds=str(LOST_AFTER_SECONDS),
+            job_max_attempts=str(MAX_ATTEMPTS),
+            max_concurrent_jobs_per_tenant="20",
+        )
+        port = free_port()
+        api = start_api(env, log_dir, port=port)
+        worker = None
+        try:
+            worker = start_worker(env, log_dir, queues="cpu", name="fault-worker")
+            client = ApiClient(f"http://127.0.0.1:{port}", create_api_key(database_url, "faults"))
+            yield FaultStack(database_url, broker_url, data_dir, log_dir, env, api, worker, client)
+        finally:
+            if worker is not None:
+                worker.stop()
+            api.stop()
