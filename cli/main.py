@@ -3,7 +3,8 @@
 Operator commands: ``orca serve`` (the whole service on one machine: API + an embedded worker),
 ``orca worker --gpu N | --cpu`` (one Celery worker), ``orca migrate``, ``orca keys create|revoke``,
 ``orca export-example NAME OUT.npz``, ``orca reap`` (requeue jobs whose worker vanished).
-Client sub-commands (``datasets``, ``jobs``, ``models`` over HTTP) hang off the same app.
+Client commands (``datasets``, ``jobs``, ``models``, ``predict``) talk to a running service over
+HTTP through :mod:`orca_client`; they live in :mod:`cli.http_commands` and hang off the same app.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from cli.http_commands import register_http_commands
 
 app = typer.Typer(
     name="orca",
@@ -383,6 +386,9 @@ def version() -> None:
 
     typer.echo(__version__)
 
+
+# Client commands over HTTP (datasets, jobs, models, predict), listed after the operator commands.
+register_http_commands(app)
 
 if __name__ == "__main__":
     app()

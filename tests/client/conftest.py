@@ -1,0 +1,122 @@
+"""A real service for client and CLI tests: a fresh PostgreSQL database, Redis db 9, the API under
+uvicorn and one Celery worker, shared by the package's tests and torn down after them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from orca_client import Client
+from tests.worker.harness import (
+    REPO_ROOT,
+    Service,
+    create_api_key,
+    dedicated_redis_db,
+    free_port,
+    fresh_postgres_database,
+    service_env,
+    start_api,
+    start_worker,
+)
+
+CLIENT_TESTS_REDIS_DB = 9
+LABELS = np.array(["ramp", "sine"])
+
+#: A job spec (without dataset_id) that finishes in seconds on a CPU: the tiny random backbone.
+TINY_SPEC: dict[str, Any] = {
+    "backbone": "tiny-bert",
+    "allow_random_init": True,
+    "queue": "cpu",
+    "alignment": {"distance": "otdd_gaussian", "epochs": 1, "max_samples": 64},
+    "finetune": {"epochs": 2, "batch_size": 16},
+    "seed": 0,
+}
+
+
+def tiny_arrays(n: int, *, length: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y): 1-channel sequences, a noisy sine or ramp, labelled with the strings in LABELS."""
+    rng = np.random.default_rng(seed)
+    grid = np.linspace(0, 2 * np.pi, length)
+    y = LABELS[np.arange(n) % 2]
+    base = np.where((y == "sine")[:, None], np.sin(grid)[None, :], (grid / np.pi - 1)[None, :])
+    x = base + 0.1 * rng.standard_normal((n, length))
+    return x[:, None, :].astype(np.float32), y
+
+
+@dataclass
+class ClientStack:
+    url: str
+    api_key: str
+    database_url: str
+    api: Service
+    worker: Service
+
+    def logs(self) -> str:
+        return f"--- worker log ---\n{self.worker.tail(60)}\n--- api log ---\n{self.api.tail(30)}"
+
+    def client(self) -> Client:
+        return Client(self.url, self.api_key, timeout=60)
+
+    def cli_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCA_")}
+        env.update(
+            {
+                "ORCA_URL": self.url,
+                "ORCA_API_KEY": self.api_key,
+                "PYTHONPATH": str(REPO_ROOT),
+                "COLUMNS": "120",
+            }
+        )
+        return env
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``orca ARGS`` as a user would, pointed at this service by ORCA_URL/ORCA_API_KEY."""
+        return subprocess.run(
+            [sys.executable, "-m", "cli.main", *args],
+            cwd=REPO_ROOT,
+            env=self.cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture(scope="package")
+def client_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientStack]:
+    data_dir = tmp_path_factory.mktemp("orca-client-data")
+    log_dir = tmp_path_factory.mktemp("orca-client-logs")
+    with (
+        fresh_postgres_database("orca_c") as database_url,
+        dedicated_redis_db(CLIENT_TESTS_REDIS_DB) as broker_url,
+    ):
+        env = service_env(
+            database_url=database_url,
+            broker_url=broker_url,
+            data_dir=str(data_dir),
+            events_poll_seconds="0.2",
+            max_concurrent_jobs_per_tenant="20",
+        )
+        port = free_port()
+        api = start_api(env, log_dir, port=port)
+        worker = None
+        try:
+            worker = start_worker(env, log_dir, queues="cpu,gpu", name="client")
+            api_key = create_api_key(database_url, "client-tests")
+            yield ClientStack(f"http://127.0.0.1:{port}", api_key, database_url, api, worker)
+        finally:
+            if worker is not None:
+                worker.stop()
+            api.stop()
+
+
+@pytest.fixture
+def orca(client_stack: ClientStack) -> Iterator[Client]:
+    with client_stack.client() as client:
+        yield client
