@@ -334,6 +334,8 @@ def _record_success(
     model_dir = Path(storage.model_dir(model_id))
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(produced, model_dir)  # same filesystem: the bundle appears whole or not at all
+    # A cancel that lands after the engine finished still wins, and is committed like any outcome.
+    outcome = "succeeded"
     try:
         with session_scope() as session:
             job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
@@ -355,42 +357,43 @@ def _record_success(
                         data={"status": "cancelled"},
                     )
                 )
-                raise _Discard()
-            task_spec = resolved_spec or job.resolved_spec or {}
-            session.add(
-                Model(
-                    id=model_id,
-                    tenant_id=claimed.tenant_id,
-                    job_id=job_id,
-                    dataset_id=claimed.dataset_id,
-                    name=claimed.name,
-                    storage_key=storage.model_key(model_id),
-                    bytes=_directory_bytes(model_dir),
-                    task_spec=task_spec,
-                    metrics=metrics,
+                outcome = "cancelled"
+            else:
+                task_spec = resolved_spec or job.resolved_spec or {}
+                session.add(
+                    Model(
+                        id=model_id,
+                        tenant_id=claimed.tenant_id,
+                        job_id=job_id,
+                        dataset_id=claimed.dataset_id,
+                        name=claimed.name,
+                        storage_key=storage.model_key(model_id),
+                        bytes=_directory_bytes(model_dir),
+                        task_spec=task_spec,
+                        metrics=metrics,
+                    )
                 )
-            )
-            job.status = "succeeded"
-            job.stage = "export"
-            job.progress = 1.0
-            job.eta_seconds = 0.0
-            job.metrics = _final_job_metrics(metrics, job.metrics, getattr(result, "curves", None))
-            if resolved_spec:
-                job.resolved_spec = resolved_spec
-            job.model_id = model_id
-            job.finished_at = utc_now()
-            job.heartbeat_at = utc_now()
-            session.add(
-                JobEvent(
-                    job_id=job_id,
-                    kind="status",
-                    message=f"succeeded; model {model_id}",
-                    data={"status": "succeeded", "model_id": model_id, "metrics": metrics},
+                job.status = "succeeded"
+                job.stage = "export"
+                job.progress = 1.0
+                job.eta_seconds = 0.0
+                job.metrics = _final_job_metrics(
+                    metrics, job.metrics, getattr(result, "curves", None)
                 )
-            )
-    except _Discard:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        return "cancelled"
+                if resolved_spec:
+                    job.resolved_spec = resolved_spec
+                job.model_id = model_id
+                job.finished_at = utc_now()
+                job.heartbeat_at = utc_now()
+                session.add(
+                    JobEvent(
+                        job_id=job_id,
+                        kind="status",
+                        message=f"succeeded; model {model_id}",
+                        data={"status": "succeeded", "model_id": model_id, "metrics": metrics},
+                    )
+                )
+                outcome = "succeeded"
     except _NotOurs:
         shutil.rmtree(model_dir, ignore_errors=True)
         logger.warning("job %s changed owner before it could be recorded; discarding", job_id)
@@ -398,11 +401,9 @@ def _record_success(
     except Exception:
         shutil.rmtree(model_dir, ignore_errors=True)
         raise
-    return "succeeded"
-
-
-class _Discard(Exception):
-    pass
+    if outcome == "cancelled":
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return outcome
 
 
 class _NotOurs(Exception):
