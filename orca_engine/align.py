@@ -1,0 +1,245 @@
+"""Stage 2, distribution alignment: train only the embedder to bring target features to the source.
+
+One *epoch* is one full-batch step on the (subsampled) target: pooled embedder features for every
+target sample, the dataset distance to the source proxy, its gradient, one optimizer step. The
+gradient is exact for the full batch but memory stays bounded: features are first computed in
+chunks without autograd, the distance's gradient w.r.t. the pooled features is taken, and each
+chunk is then re-embedded with autograd and back-propagated with its slice of that gradient.
+
+``curve[e]`` is the distance after ``e`` steps (``curve[0]`` before any). With ``auto_stop`` the
+loop ends once the best distance of the last ``patience`` epochs is not more than 1% (relative)
+below the best distance before them. The embedder runs in eval mode (no dropout), so a fixed
+seed gives the same curve on CPU; with ``state_path`` each finished epoch is checkpointed
+atomically (embedder, optimizer, curve, distance solver warm start, RNG) and a rerun resumes
+from it with the same final result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from orca_engine.distances import Distance, SourceData, create_distance, kmeans_labels, pool_tokens
+from orca_engine.progress import Callbacks
+
+logger = logging.getLogger(__name__)
+
+CLASSIFICATION_TASKS = ("classification",)
+AUTO_STOP_PATIENCE = 3
+AUTO_STOP_MIN_IMPROVEMENT = 0.01
+EMBED_CHUNK = 256
+
+
+@dataclass
+class AlignResult:
+    """Distance per epoch (``curve[0]`` before training), first/last values, epochs and wall time."""
+
+    curve: list[float] = field(default_factory=list)
+    before: float = float("nan")
+    after: float = float("nan")
+    epochs_run: int = 0
+    seconds: float = 0.0
+
+
+def alignment_labels(
+    task_type: str, y: np.ndarray | None, x_features: np.ndarray, k: int = 10, seed: int = 0
+) -> np.ndarray:
+    """Class ids for OTDD: the labels for classification, k-means pseudo-labels otherwise."""
+    if task_type in CLASSIFICATION_TASKS and y is not None and np.asarray(y).ndim == 1:
+        return np.unique(np.asarray(y), return_inverse=True)[1].astype(np.int64)
+    return kmeans_labels(np.asarray(x_features).reshape(len(x_features), -1), k, seed)
+
+
+def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``max_samples`` rows keeping class proportions (seeded)."""
+    n = len(labels)
+    if n <= max_samples:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        take = max(1, round(max_samples * len(members) / n))
+        chosen.append(rng.choice(members, size=min(take, len(members)), replace=False))
+    picked = np.concatenate(chosen)
+    if len(picked) > max_samples:
+        picked = rng.choice(picked, size=max_samples, replace=False)
+    return np.sort(picked)
+
+
+def _plateaued(curve: list[float], patience: int) -> bool:
+    if len(curve) <= patience:
+        return False
+    best_before = min(curve[:-patience])
+    best_recent = min(curve[-patience:])
+    return best_before - best_recent <= AUTO_STOP_MIN_IMPROVEMENT * abs(best_before)
+
+
+def _pooled_features(model: Any, x: Tensor, chunk: int) -> Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [pool_tokens(model.embed(x[i : i + chunk])) for i in range(0, len(x), chunk)]
+        )
+
+
+def _distance_and_gradient(
+    model: Any, x: Tensor, labels: Tensor, distance: Distance, chunk: int
+) -> float:
+    """Distance of the current embedder; leaves its full-batch gradient in the embedder's grads."""
+    features = _pooled_features(model, x, chunk).requires_grad_(True)
+    value = distance(features, labels)
+    value.backward()
+    feature_grad = features.grad
+    assert feature_grad is not None
+    for start in range(0, len(x), chunk):
+        pooled = pool_tokens(model.embed(x[start : start + chunk]))
+        pooled.backward(feature_grad[start : start + chunk].to(pooled.dtype))
+    return float(value.detach())
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _make_trainable(model: Any) -> None:
+    try:
+        from orca_engine.model import set_trainable
+
+        set_trainable(model, "embedder")
+    except (ImportError, AttributeError):
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("embedder."))
+    else:
+        # Models that are not OrcaModels (no "embedder." prefix handled above) still work.
+        for parameter in model.embedder.parameters():
+            parameter.requires_grad_(True)
+
+
+def align_embedder(
+    model: Any,
+    x: np.ndarray | Tensor,
+    target_labels: np.ndarray | Tensor | None,
+    source: SourceData,
+    *,
+    distance: str | Distance = "otdd",
+    epochs: int = 10,
+    auto_stop: bool = False,
+    lr: float = 1e-4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    callbacks: Callbacks | None = None,
+    max_samples: int = 5000,
+    state_path: str | Path | None = None,
+    patience: int = AUTO_STOP_PATIENCE,
+    chunk_size: int = EMBED_CHUNK,
+    distance_options: dict[str, Any] | None = None,
+) -> AlignResult:
+    """Train ``model.embedder`` so pooled ``model.embed(x)`` approaches ``source`` under ``distance``.
+
+    ``distance`` is a name for :func:`create_distance` (``"none"`` returns an empty result at
+    once) or a built :class:`Distance`. ``epochs=0`` only measures the distance.
+    """
+    started = time.perf_counter()
+    callbacks = callbacks or Callbacks()
+    if isinstance(distance, str) and distance == "none":
+        # The ablation without alignment: nothing to measure, nothing to train.
+        return AlignResult()
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    x_array = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    if target_labels is None:
+        label_array = np.zeros(len(x_array), dtype=np.int64)
+    else:
+        label_array = np.asarray(
+            target_labels.cpu().numpy() if isinstance(target_labels, Tensor) else target_labels
+        ).astype(np.int64)
+    keep = stratified_subsample(label_array, max_samples, seed)
+    x_target = torch.from_numpy(np.ascontiguousarray(x_array[keep], dtype=np.float32)).to(device)
+    y_target = torch.from_numpy(label_array[keep]).to(device)
+
+    dist = (
+        distance
+        if isinstance(distance, Distance)
+        else create_distance(distance, source, device=device, seed=seed, **(distance_options or {}))
+    )
+    was_training = model.training
+    previous_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.to(device)
+    model.eval()
+    _make_trainable(model)
+    parameters = [p for p in model.embedder.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+
+    curve: list[float] = []
+    start_epoch = 0
+    path = Path(state_path) if state_path is not None else None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.embedder.load_state_dict(state["embedder"])
+        optimizer.load_state_dict(state["optimizer"])
+        curve = list(state["curve"])
+        start_epoch = int(state["epoch"])
+        dist.load_warm_state(state["distance_warm"])
+        torch.set_rng_state(state["rng"])
+        logger.info("alignment resumes after epoch %d", start_epoch)
+
+    try:
+        epoch = start_epoch
+        stopped = auto_stop and _plateaued(curve, patience)
+        while epoch < epochs and not stopped:
+            epoch += 1
+            optimizer.zero_grad(set_to_none=True)
+            curve.append(_distance_and_gradient(model, x_target, y_target, dist, chunk_size))
+            optimizer.step()
+            if path is not None:
+                _save_state(
+                    path,
+                    {
+                        "embedder": model.embedder.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "curve": curve,
+                        "distance_warm": dist.warm_state(),
+                        "rng": torch.get_rng_state(),
+                    },
+                )
+            callbacks.event(
+                f"align epoch {epoch}/{epochs}: {dist.name} {curve[-1]:.6g}",
+                kind="metric",
+                data={"stage": "align", "epoch": epoch - 1, "distance": curve[-1]},
+            )
+            callbacks.progress(
+                stage="align", step=epoch, total=epochs, metrics={"distance": curve[-1]}
+            )
+            callbacks.check_cancelled()
+            stopped = auto_stop and _plateaued(curve, patience)
+        with torch.no_grad():
+            features = _pooled_features(model, x_target, chunk_size)
+            curve.append(float(dist(features, y_target)))
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(previous_flags.get(name, True))
+        model.train(was_training)
+    result = AlignResult(
+        curve=curve,
+        before=curve[0],
+        after=curve[-1],
+        epochs_run=len(curve) - 1,
+        seconds=time.perf_counter() - started,
+    )
+    callbacks.event(
+        f"alignment {dist.name}: {result.before:.6g} -> {result.after:.6g} in {result.epochs_run} epochs",
+        kind="metric",
+        data={"stage": "align", "before": result.before, "after": result.after},
+    )
+    return result

@@ -1,0 +1,202 @@
+"""Source proxies (built through real backbones, cached on disk) and stage-2 embedder alignment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from orca_engine.align import AlignResult, align_embedder, alignment_labels
+from orca_engine.backbones import create_backbone
+from orca_engine.distances import SourceData
+from orca_engine.errors import JobCancelled
+from orca_engine.model import build_model
+from orca_engine.progress import Callbacks
+from orca_engine.proxies import build_proxy, default_proxy, list_proxies
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    return create_backbone("tiny-bert")
+
+
+def test_proxy_builds_with_tiny_backbone_and_reads_cache(tiny_bert, tmp_path: Path) -> None:
+    assert default_proxy(tiny_bert) == "english-text"
+    assert "natural-images" in list_proxies()
+    first = build_proxy("english-text", tiny_bert, n_samples=60, seed=3, cache_dir=tmp_path)
+    files = list(tmp_path.glob("english-text-*-60-3.safetensors"))
+    assert len(files) == 1
+    assert first.features.shape == (60, tiny_bert.embed_dim)
+    assert first.labels.dtype == torch.int64 and len(first.labels.unique()) > 1
+    # Prove the second build reads the file: overwrite it with recognisable content.
+    from safetensors.torch import save_file
+
+    marker = SourceData(
+        torch.full((60, tiny_bert.embed_dim), 7.0), torch.zeros(60, dtype=torch.int64), "x"
+    )
+    save_file({"features": marker.features, "labels": marker.labels}, str(files[0]))
+    second = build_proxy("english-text", tiny_bert, n_samples=60, seed=3, cache_dir=tmp_path)
+    assert torch.equal(second.features, marker.features)
+
+
+def test_natural_images_and_dataset_proxies(tmp_path: Path) -> None:
+    vit = create_backbone("tiny-vit")
+    assert default_proxy(vit) == "natural-images"
+    images = build_proxy("natural-images", vit, n_samples=24, seed=0)
+    assert images.features.shape == (24, vit.embed_dim) and torch.isfinite(images.features).all()
+    npz = tmp_path / "proxy.npz"
+    np.savez(
+        npz,
+        x_train=np.random.default_rng(0).random((30, 3, 16, 16)).astype(np.float32),
+        y_train=np.arange(30) % 3,
+    )
+    uploaded = build_proxy(f"dataset:{npz}", vit, n_samples=20, seed=0)
+    assert uploaded.features.shape == (20, vit.embed_dim)
+    assert set(uploaded.labels.tolist()) == {0, 1, 2}
+
+
+def test_english_text_with_real_minilm() -> None:
+    minilm = create_backbone("minilm-l6")
+    proxy = build_proxy("english-text", minilm, n_samples=500, seed=0)
+    assert proxy.features.shape == (500, 384)
+    assert torch.isfinite(proxy.features).all()
+    # Real sentences differ from one another: features are not all alike.
+    assert float(proxy.features.std(dim=0).mean()) > 1e-3
+
+
+def _tabular_model(backbone, n_features: int):
+    info = SimpleNamespace(input_kind="tabular", sample_shape=(n_features,), label_shape=())
+    torch.manual_seed(0)
+    return build_model(
+        info=info, task_type="classification", out_dim=2, backbone=backbone, token_budget=16
+    )
+
+
+@pytest.fixture(scope="module")
+def task():
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 2
+    x = rng.normal(size=(120, 6)).astype(np.float32) + 3.0 * y[:, None]
+    return x, y
+
+
+class InterruptAt(Callbacks):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.seen: list[int] = []
+
+    def progress(self, *, stage: str, step: int, total: int, metrics=None) -> None:
+        self.seen.append(step)
+        if step == self.epoch:
+            raise JobCancelled()
+
+
+def _run(backbone, task, source, **kw) -> AlignResult:
+    x, y = task
+    model = _tabular_model(backbone, x.shape[1])
+    return align_embedder(
+        model,
+        x,
+        y,
+        source,
+        distance="otdd",
+        epochs=4,
+        auto_stop=False,
+        lr=0.05,
+        seed=0,
+        device="cpu",
+        callbacks=kw.pop("callbacks", None),
+        max_samples=100,
+        **kw,
+    )
+
+
+def test_alignment_lowers_distance_deterministically_and_resumes(
+    tiny_bert, task, tmp_path: Path
+) -> None:
+    source = build_proxy("english-text", tiny_bert, n_samples=120, seed=0)
+    first = _run(tiny_bert, task, source)
+    assert first.epochs_run == 4 and len(first.curve) == 5
+    assert first.after < first.before
+    assert _run(tiny_bert, task, source).curve == first.curve
+
+    state = tmp_path / "align.pt"
+    interrupter = InterruptAt(2)
+    with pytest.raises(JobCancelled):
+        _run(tiny_bert, task, source, state_path=state, callbacks=interrupter)
+    assert state.is_file()
+    resumed = _run(tiny_bert, task, source, state_path=state)
+    assert resumed.curve == first.curve
+
+
+def test_auto_stop_and_alignment_labels(tiny_bert, task) -> None:
+    x, _ = task
+    source = build_proxy("english-text", tiny_bert, n_samples=80, seed=0)
+    model = _tabular_model(tiny_bert, x.shape[1])
+    result = align_embedder(
+        model,
+        x,
+        None,
+        source,
+        distance="mmd",
+        epochs=50,
+        auto_stop=True,
+        lr=0.0,
+        seed=0,
+        device="cpu",
+        callbacks=None,
+        max_samples=60,
+    )
+    assert result.epochs_run < 50  # lr 0: flat curve, stops after the patience window
+    skipped = align_embedder(
+        model,
+        x,
+        None,
+        source,
+        distance="none",
+        epochs=5,
+        auto_stop=False,
+        lr=0.1,
+        seed=0,
+        device="cpu",
+        callbacks=None,
+        max_samples=60,
+    )
+    assert skipped.epochs_run == 0 and skipped.curve == []
+    assert np.array_equal(alignment_labels("classification", np.array([5, 7, 5]), x[:3]), [0, 1, 0])
+    pseudo = alignment_labels("regression", x[:, 0], x, k=3, seed=0)
+    assert pseudo.shape == (120,) and set(pseudo) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("distance", ["otdd", "otdd_gaussian", "ot", "mmd", "l2", "cosine"])
+def test_every_distance_trains_the_embedder_only(tiny_bert, task, distance: str) -> None:
+    x, y = task
+    source = build_proxy("english-text", tiny_bert, n_samples=60, seed=0)
+    model = _tabular_model(tiny_bert, x.shape[1])
+    embedder_before = [p.detach().clone() for p in model.embedder.parameters()]
+    backbone_before = [p.detach().clone() for p in model.backbone.parameters()]
+    result = align_embedder(
+        model,
+        x,
+        y,
+        source,
+        distance=distance,
+        epochs=1,
+        auto_stop=False,
+        lr=0.01,
+        seed=0,
+        device="cpu",
+        callbacks=None,
+        max_samples=40,
+    )
+    assert result.epochs_run == 1 and np.isfinite(result.curve).all()
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(embedder_before, model.embedder.parameters(), strict=True)
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters(), strict=True)
+    )
