@@ -185,7 +185,7 @@ MINILM_SPEC: dict[str, Any] = {
     "dataset_id": "gunpoint",
     "backbone": "minilm-l6",
     "alignment": {"distance": "otdd", "source": "english-text", "epochs": 10, "max_samples": 500},
-    "finetune": {"epochs": 20, "lr": 1e-4, "batch_size": 8},
+    "finetune": {"epochs": 60, "lr": 1e-4, "batch_size": 8},
     "seed": 0,
 }
 MINILM_OVERRIDES = {"token_budget": 32}
@@ -230,14 +230,14 @@ def test_minilm_beats_chance_on_the_test_split(
     minilm_job: tuple[JobResult, Recorder, float],
 ) -> None:
     result, _, _ = minilm_job
-    # Chance is 0.5 (std 0.04 on 150 test series). With this CPU-sized budget we measured test
-    # accuracy 0.63-0.66 over five settings (AUROC ~0.82): the 10-series val split makes epoch
-    # selection coarse. 0.6 is what this budget reliably clears, not the 0.75 we aimed for.
-    assert result.metrics["test"]["accuracy"] >= 0.6
+    # Chance is 0.5 (std 0.04 on 150 test series). This budget measured test accuracy 0.85
+    # (seed 0), 0.87 (seed 2) and 0.64 (seed 1, whose 10-series val split saturates early):
+    # tiny validation splits still make selection noisy, the model-quality issue's subject.
+    assert result.metrics["test"]["accuracy"] >= 0.75
     history = result.curves["refine"]
-    assert result.curves["best_epoch"] == 1 + int(
-        np.argmax([h["val"]["accuracy"] for h in history])
-    )
+    # Selection is on val only: the best epoch has the top val accuracy, ties broken by val loss.
+    best = max(history, key=lambda h: (h["val"]["accuracy"], -h["val_loss"]))
+    assert result.curves["best_epoch"] == best["epoch"]
 
 
 def test_minilm_bundle_reloads_with_identical_test_predictions(

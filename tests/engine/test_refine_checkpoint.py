@@ -183,8 +183,9 @@ def test_refine_beats_chance_selects_on_val_and_never_reads_test() -> None:
     val_accuracy = [epoch["val"]["accuracy"] for epoch in result.history]
     assert len(result.history) == 4 and not result.stopped_early
     assert result.best_val["accuracy"] >= 0.75, val_accuracy  # chance is 0.5
-    # Best epoch = first argmax of the val metric (ties keep the earlier epoch).
-    assert result.best_epoch == int(np.argmax(val_accuracy)) + 1
+    # Best epoch = top val metric, ties broken by the lower val loss, then the earlier epoch.
+    keys = [(h["val"]["accuracy"], -h["val_loss"]) for h in result.history]
+    assert result.best_epoch == keys.index(max(keys)) + 1
     assert result.best_val == result.history[result.best_epoch - 1]["val"]
     assert all(t.device.type == "cpu" for t in result.best_state.values())
     assert sum("epoch" in message and "val accuracy" in message for message in events) == 4
