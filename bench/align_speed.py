@@ -228,7 +228,7 @@ def main() -> None:
     command = (
         "python -m bench.align_speed"
         + (" --quick" if args.quick else "")
-        + f" --device {args.device}"
+        + f" --device {args.device} --threads {args.threads}"
     )
     machine = (
         f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
@@ -237,7 +237,7 @@ def main() -> None:
     )
     body = f"""{SECTION}
 
-Command: `{command}` · machine: {machine}, shared with other jobs · date:
+Command: `{command}` · machine: {machine} · date:
 {datetime.date.today().isoformat()} · torch intra-op threads: {args.threads} (POT's emd solves
 use a 2-thread pool). On a CPU shared with other jobs, 2-thread torch timings varied up to 10x
 between runs; one thread is slower but repeatable.
