@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_npz_members: int = 64
     max_csv_rows: int = 5_000_000
     max_csv_columns: int = 100_000
+    # Uploads validated at once by one API process; later ones wait their turn, so concurrent
+    # uploads do not multiply the validator's memory.
+    max_concurrent_validations: int = Field(default=2, ge=1)
     # Temp upload files older than this are removed when the API starts (those of a crashed
     # API process on this host are removed at once).
     stale_upload_max_age_seconds: float = 24 * 3600.0

@@ -4,10 +4,12 @@ Nothing in an upload is trusted. ``.npz`` archives are opened with ``allow_pickl
 (object arrays are refused by their header, never unpickled); member count and the total
 decompressed size are checked from the zip directory before any data is read; each member's
 ``.npy`` header is parsed on its own and checked against the size the directory declares. Members
-stored uncompressed (``np.savez``) are memory-mapped straight out of the archive; compressed ones
-(``np.savez_compressed``) are streamed to a temporary ``.npy`` file with a byte budget and then
-memory-mapped, so validating a large upload reads it in chunks instead of holding it in memory.
-``load_dataset`` then materialises float32 copies for training.
+stored uncompressed (``np.savez``) are read straight out of the archive; compressed ones
+(``np.savez_compressed``) are first streamed to a temporary ``.npy`` file with a byte budget.
+``inspect_file`` (the API's upload check) then scans each member by reading it in bounded chunks
+into one reused buffer, never mapping it, so its memory does not grow with the size of the upload
+(pages of a memory map count in the process's RSS). ``load_dataset`` memory-maps the members and
+materialises float32 copies for training.
 
 Validation collects *every* problem into a :class:`Report` (``{"errors": [...], "warnings": [...]}``
 with a ``field`` naming the member or column) instead of stopping at the first.
@@ -25,6 +27,7 @@ without loading it.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import struct
@@ -60,6 +63,8 @@ SPLIT_ALIASES = {
 
 # Upper bound on how much of a (memory-mapped) array is pulled into memory at once while checking it.
 _CHUNK_BYTES = 64 * 1024**2
+# Bytes ``inspect_file`` reads from disk at a time (one reused buffer per member scan).
+_STREAM_CHUNK_BYTES = 4 * 1024**2
 # An .npy header is a short dict literal; anything longer is not a real array header.
 _MAX_NPY_HEADER = 10_000
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -327,8 +332,97 @@ def _format_bytes(n_bytes: int) -> str:
     return f"{size:.1f} GiB"
 
 
-def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
-    """Consecutive in-memory row blocks of at most ~64 MiB each."""
+def _read_exactly(stream: io.BufferedReader, view: memoryview) -> None:
+    """Fill ``view`` from ``stream``; a short read means the file changed or is truncated."""
+    filled = 0
+    while filled < len(view):
+        got = stream.readinto(view[filled:])
+        if not got:
+            raise OSError(f"unexpected end of file after {filled} of {len(view)} bytes")
+        filled += got
+
+
+class _StreamedArray:
+    """An ``.npy`` member's data on disk, scanned in bounded chunks and never mapped or loaded whole.
+
+    ``inspect_file`` validates through this so that checking a large upload costs one reused
+    buffer of about ``_STREAM_CHUNK_BYTES`` instead of the member's size: the pages of a memory map
+    stay resident (and count in RSS) once touched, chunks read into one buffer do not pile up.
+    It carries the array facts the checks need (``shape``, ``dtype``, ``ndim``, ``len``);
+    ``np.asarray`` on it reads the whole member, which the checks only do for 1-D labels.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        fortran_order: bool,
+    ) -> None:
+        self.source = source
+        self.offset = offset
+        self.shape = tuple(int(v) for v in shape)
+        self.dtype = dtype
+        self.fortran_order = fortran_order
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of unsized object")
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole member in memory (for small members such as 1-D labels)."""
+        data = np.empty(self.size, dtype=self.dtype)
+        if self.size:
+            with open(self.source, "rb") as stream:
+                stream.seek(self.offset)
+                _read_exactly(stream, data.view(np.uint8).data)
+        array = data.reshape(self.shape, order="F" if self.fortran_order else "C")
+        return array if dtype is None else array.astype(dtype)
+
+    def blocks(self, row_length: int = 1) -> Iterator[np.ndarray]:
+        """The data in storage order as consecutive ``(k, row_length)`` blocks of ~4 MiB.
+
+        Blocks hold whole rows (a single row longer than the budget is one block on its own), so a
+        check along rows never straddles a boundary. Every block is a view of the same buffer:
+        use it before asking for the next one.
+        """
+        row_bytes = max(1, row_length * self.dtype.itemsize)
+        rows_per_block = max(1, _STREAM_CHUNK_BYTES // row_bytes)
+        n_rows = self.size // max(1, row_length)
+        buffer = np.empty(min(rows_per_block, max(1, n_rows)) * row_bytes, dtype=np.uint8)
+        with open(self.source, "rb") as stream:
+            stream.seek(self.offset)
+            for start in range(0, n_rows, rows_per_block):
+                rows = min(rows_per_block, n_rows - start)
+                view = buffer.data[: rows * row_bytes]
+                _read_exactly(stream, view)
+                yield np.frombuffer(view, dtype=self.dtype).reshape(rows, row_length)
+
+
+#: a checked member: an in-memory/mapped array, or one streamed from disk by ``inspect_file``
+_Member = np.ndarray | _StreamedArray
+
+
+def _chunks(array: _Member) -> Iterator[np.ndarray]:
+    """Consecutive in-memory row blocks of at most ~64 MiB each.
+
+    A streamed member yields flat ~4 MiB blocks in storage order instead: only for element-wise
+    checks (counts, unique values), where the layout does not matter.
+    """
+    if isinstance(array, _StreamedArray):
+        for block in array.blocks():
+            yield block.reshape(-1)
+        return
     row_bytes = max(1, int(math.prod(array.shape[1:])) * array.dtype.itemsize)
     step = max(1, _CHUNK_BYTES // row_bytes)
     for start in range(0, len(array), step):
@@ -365,8 +459,13 @@ def _open_npz_member(
     name: str,
     report: Report,
     tmp: Path,
-) -> np.ndarray | None:
-    """Memory-map one ``.npy`` member after checking its header; None (and an error) if unsafe."""
+    streamed: bool,
+) -> _Member | None:
+    """One ``.npy`` member after checking its header; None (and an error) if unsafe.
+
+    ``streamed``: a :class:`_StreamedArray` reading the bytes on demand (validation); otherwise a
+    memory map (loading for training).
+    """
     if info.flag_bits & 0x1:
         report.error(name, "the member is encrypted")
         return None
@@ -412,6 +511,8 @@ def _open_npz_member(
         if offset + data_bytes > path.stat().st_size:
             report.error(name, "the member's data runs past the end of the file: truncated upload")
             return None
+        if streamed:
+            return _StreamedArray(path, offset, tuple(shape), dtype, fortran_order)
         return np.memmap(
             path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order=order
         )
@@ -430,13 +531,15 @@ def _open_npz_member(
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         report.error(name, f"could not decompress: {exc}")
         return None
+    if streamed:
+        return _StreamedArray(target, header_size, tuple(shape), dtype, fortran_order)
     array: np.ndarray = np.load(target, mmap_mode="r", allow_pickle=False)
     return array
 
 
 def _read_npz(
-    path: Path, limits: Limits, report: Report, tmp: Path
-) -> tuple[dict[str, np.ndarray], set[str]]:
+    path: Path, limits: Limits, report: Report, tmp: Path, streamed: bool
+) -> tuple[dict[str, _Member], set[str]]:
     """Open every known member; returns the arrays that opened and the member names present."""
     try:
         archive = zipfile.ZipFile(path)
@@ -460,7 +563,7 @@ def _read_npz(
                 f"{_format_bytes(limits.max_decompressed_bytes)}",
             )
             return {}, set()
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, _Member] = {}
         present: set[str] = set()
         for member in members:
             name = member.filename.removesuffix(".npy")
@@ -474,7 +577,7 @@ def _read_npz(
                 report.error(name, "appears twice in the archive")
                 continue
             present.add(name)
-            array = _open_npz_member(archive, path, member, name, report, tmp)
+            array = _open_npz_member(archive, path, member, name, report, tmp, streamed)
             if array is not None:
                 arrays[name] = array
     return arrays, present
@@ -620,7 +723,7 @@ def _read_table(
 # Validation
 
 
-def _count_nonfinite(array: np.ndarray) -> tuple[int, int, int]:
+def _count_nonfinite(array: _Member) -> tuple[int, int, int]:
     """(NaN count, ±inf count, count of finite values beyond float32's range)."""
     n_nan = n_inf = n_overflow = 0
     check_overflow = array.dtype.itemsize > 4
@@ -635,8 +738,32 @@ def _count_nonfinite(array: np.ndarray) -> tuple[int, int, int]:
     return n_nan, n_inf, n_overflow
 
 
-def _nan_is_trailing_padding(array: np.ndarray) -> tuple[bool, int]:
+def _streamed_nan_is_trailing_padding(array: _StreamedArray) -> tuple[bool, int]:
+    """:func:`_nan_is_trailing_padding` for a member read from disk in whole-series blocks."""
+    if not array.fortran_order:
+        # C order: each row of L values is one (sample, channel) series.
+        padded_series = 0
+        for block in array.blocks(array.shape[-1]):
+            nan = np.isnan(block)
+            if np.any(nan[:, :-1] & ~nan[:, 1:]):
+                return False, 0
+            padded_series += int(np.count_nonzero(nan[:, -1]))
+        return True, padded_series
+    # Fortran order stores the transpose (L, C, N): each row is one position along L for every
+    # series, so a NaN followed by a number can also straddle two blocks.
+    previous: np.ndarray | None = None
+    for block in array.blocks(array.shape[0] * array.shape[1]):
+        nan = np.isnan(block)
+        if np.any(nan[:-1] & ~nan[1:]) or (previous is not None and np.any(previous & ~nan[0])):
+            return False, 0
+        previous = nan[-1].copy()
+    return True, 0 if previous is None else int(np.count_nonzero(previous))
+
+
+def _nan_is_trailing_padding(array: _Member) -> tuple[bool, int]:
     """Whether every NaN of an (N, C, L) array sits in a run that reaches the end of its series."""
+    if isinstance(array, _StreamedArray):
+        return _streamed_nan_is_trailing_padding(array)
     padded_series = 0
     for chunk in _chunks(array):
         nan = np.isnan(chunk)
@@ -646,23 +773,23 @@ def _nan_is_trailing_padding(array: np.ndarray) -> tuple[bool, int]:
     return True, padded_series
 
 
-def _is_whole(array: np.ndarray) -> bool:
+def _is_whole(array: _Member) -> bool:
     """True when every value is a whole number (always for integer and bool dtypes)."""
     if array.dtype.kind in "biu":
         return True
     return all(np.all(np.mod(chunk, 1) == 0) for chunk in _chunks(array))
 
 
-def _is_binary(array: np.ndarray) -> bool:
+def _is_binary(array: _Member) -> bool:
     return all(np.all((chunk == 0) | (chunk == 1)) for chunk in _chunks(array))
 
 
-def _unique(array: np.ndarray) -> np.ndarray:
+def _unique(array: _Member) -> np.ndarray:
     values = np.unique(np.concatenate([np.unique(chunk) for chunk in _chunks(array)]))
     return values
 
 
-def _check_x(name: str, x: np.ndarray, report: Report) -> bool:
+def _check_x(name: str, x: _Member, report: Report) -> bool:
     """Shape, dtype and value checks on one x member; True if it passed."""
     if x.dtype.kind not in "biuf":
         report.error(name, f"dtype {x.dtype} is not numeric; x must hold numbers")
@@ -710,7 +837,7 @@ def _check_x(name: str, x: np.ndarray, report: Report) -> bool:
     return ok
 
 
-def _check_y_values(name: str, y: np.ndarray, report: Report) -> bool:
+def _check_y_values(name: str, y: _Member, report: Report) -> bool:
     if y.dtype.kind in "US":
         return True
     if y.dtype.kind not in "biuf":
@@ -736,7 +863,7 @@ class _Labels:
 
 
 def _infer_labels(
-    y: np.ndarray, sample_shape: tuple[int, ...], *, from_table: bool, report: Report
+    y: _Member, sample_shape: tuple[int, ...], *, from_table: bool, report: Report
 ) -> _Labels | None:
     """Task type and label facts from y_train's dtype, shape and values."""
     spatial = sample_shape[1:] if len(sample_shape) >= 2 else ()
@@ -795,7 +922,7 @@ def _relabel_for_task(labels: _Labels, task_type: str) -> _Labels:
 
 
 def _check_classes(
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, _Member],
     labels: _Labels,
     splits: list[str],
     limits: Limits,
@@ -834,7 +961,7 @@ def _check_classes(
 
 
 def _validate(
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, _Member],
     present: set[str],
     *,
     fmt: str,
@@ -967,20 +1094,23 @@ def _inspect_unchecked(
     task_type: str | None,
     limits: Limits,
     tmp: Path,
-) -> tuple[DatasetInfo | None, Report, dict[str, np.ndarray]]:
+    streamed: bool,
+) -> tuple[DatasetInfo | None, Report, dict[str, _Member]]:
     report = Report()
     fmt = _detect_format(filename, report)
     if fmt is None:
         return None, report, {}
     feature_names = None
+    arrays: dict[str, _Member]
     if fmt == "npz":
-        arrays, present = _read_npz(path, limits, report, tmp)
+        arrays, present = _read_npz(path, limits, report, tmp, streamed)
         if report.too_large or (not present and not report.ok):
             return None, report, {}
     else:
-        arrays, feature_names = _read_table(path, fmt, label_column, limits, report)
+        table, feature_names = _read_table(path, fmt, label_column, limits, report)
         if not report.ok:
             return None, report, {}
+        arrays = dict(table)
         present = set(arrays)
     info = _validate(
         arrays,
@@ -1004,8 +1134,13 @@ def _inspect(
     task_type: str | None,
     limits: Limits,
     tmp: Path,
-) -> tuple[DatasetInfo | None, Report, dict[str, np.ndarray]]:
-    """:func:`_inspect_unchecked`, with any unexpected failure turned into a report entry."""
+    streamed: bool = False,
+) -> tuple[DatasetInfo | None, Report, dict[str, _Member]]:
+    """:func:`_inspect_unchecked`, with any unexpected failure turned into a report entry.
+
+    ``streamed`` (validation only): ``.npz`` members are scanned from disk in bounded chunks and
+    come back as :class:`_StreamedArray`; otherwise they are memory-mapped arrays.
+    """
     try:
         return _inspect_unchecked(
             path,
@@ -1014,6 +1149,7 @@ def _inspect(
             task_type=task_type,
             limits=limits,
             tmp=tmp,
+            streamed=streamed,
         )
     except MemoryError:
         report = Report()
@@ -1046,6 +1182,7 @@ def inspect_file(
             task_type=task_type,
             limits=limits,
             tmp=Path(tmp),
+            streamed=True,
         )
     return info, report
 
@@ -1085,7 +1222,7 @@ def split_train_val(
     return np.sort(train_idx), np.sort(val_idx)
 
 
-def _features(x: np.ndarray) -> np.ndarray:
+def _features(x: _Member) -> np.ndarray:
     """float32 copy; NaN left in x after validation can only be trailing padding -> zeros."""
     values = np.array(x, dtype=np.float32)
     if values.dtype.kind == "f":
@@ -1093,7 +1230,7 @@ def _features(x: np.ndarray) -> np.ndarray:
     return values
 
 
-def _targets(y: np.ndarray, info: DatasetInfo, label_map: LabelMap | None) -> np.ndarray:
+def _targets(y: _Member, info: DatasetInfo, label_map: LabelMap | None) -> np.ndarray:
     task_type = info.task_type
     values = np.asarray(y)
     if task_type in ("classification", "dense_classification"):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import anyio.to_thread
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from api import metrics as prom
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
@@ -67,16 +67,20 @@ async def create_dataset(
     settings: SettingsDep,
     storage: StorageDep,
 ) -> DatasetPublic:
-    """Stream the file to storage (hashing it), validate it, and record it if it is valid."""
+    """Stream the file to storage (hashing it), validate it, and record it if it is valid.
+
+    At most ``max_concurrent_validations`` uploads are validated at once; the rest wait here.
+    """
     upload = await receive_dataset_upload(request, storage, max_bytes=settings.max_upload_bytes)
-    dataset = await run_in_threadpool(
+    dataset = await anyio.to_thread.run_sync(
         lambda: service.register_upload(
             db_session=db_session,
             storage=storage,
             settings=settings,
             tenant_id=tenant.id,
             upload=upload,
-        )
+        ),
+        limiter=service.validation_limiter(settings),
     )
     prom.UPLOAD_BYTES.inc(dataset.bytes)
     return DatasetPublic.from_row(dataset)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
+import anyio
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -29,6 +31,25 @@ def upload_limits(settings: Settings) -> Limits:
         max_rows=settings.max_csv_rows,
         max_columns=settings.max_csv_columns,
     )
+
+
+_validation_limiters: dict[int, anyio.CapacityLimiter] = {}
+_validation_limiters_lock = threading.Lock()
+
+
+def validation_limiter(settings: Settings) -> anyio.CapacityLimiter:
+    """The process-wide bound on uploads validated at once (``max_concurrent_validations``).
+
+    Validation scans the whole upload, so each one running costs memory and CPU; with this limit
+    concurrent uploads queue for a slot instead of all scanning together. Waiting happens on the
+    event loop, not in a worker thread.
+    """
+    with _validation_limiters_lock:
+        limiter = _validation_limiters.get(settings.max_concurrent_validations)
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(settings.max_concurrent_validations)
+            _validation_limiters[settings.max_concurrent_validations] = limiter
+        return limiter
 
 
 def _report_is_size_refusal(report: Report) -> bool:
@@ -73,7 +94,8 @@ def register_upload(
     upload: ReceivedUpload,
 ) -> Dataset:
     """Validate a stored upload with the engine and record it; on any refusal the blob goes
-    (unless another dataset shares it) and no row is written. Blocking: run it in a thread."""
+    (unless another dataset shares it) and no row is written. Blocking: run it in a thread,
+    holding a slot of :func:`validation_limiter`."""
     try:
         used = tenant_storage_bytes(db_session=db_session, tenant_id=tenant_id)
         if used + upload.blob.bytes > settings.max_storage_bytes_per_tenant:
