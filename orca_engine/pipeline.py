@@ -43,7 +43,13 @@ from orca_engine.metrics import compute_metrics
 from orca_engine.model import OrcaModel, build_model
 from orca_engine.progress import STAGES, Callbacks
 from orca_engine.refine import Preprocessing, fit_preprocessing, outputs_for_metrics, refine
-from orca_engine.specs import JobSpec, ResolvedSpec, parse_spec, resolve_spec
+from orca_engine.specs import (
+    JobSpec,
+    ResolvedSpec,
+    check_backbone_location,
+    parse_spec,
+    resolve_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,33 +90,6 @@ def overall_progress(stage: str, step: int, total: int, align_enabled: bool) -> 
 
 
 # --- prepare ---------------------------------------------------------------------------------
-
-
-def local_backbone_path(backbone: str) -> Path | None:
-    """The local file/dir a backbone id points at (``hf:<dir>``, ``timm:<arch>@<path>``, a path)."""
-    if backbone.startswith("hf:"):
-        return Path(backbone[len("hf:") :])
-    if backbone.startswith("timm:"):
-        _, at, weights = backbone.partition("@")
-        return Path(weights) if at else None
-    if "/" in backbone or "\\" in backbone or backbone.startswith((".", "~")):
-        return Path(backbone)
-    return None
-
-
-def check_backbone_location(backbone: str, model_dirs: Sequence[str | Path]) -> None:
-    """A local backbone must lie inside one of ``model_dirs`` (SPEC §4); registry names pass."""
-    path = local_backbone_path(backbone)
-    if path is None:
-        return
-    resolved = path.expanduser().resolve()
-    allowed = [Path(d).expanduser().resolve() for d in model_dirs]
-    if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
-        where = ", ".join(str(d) for d in allowed) or "none are configured"
-        raise SpecError(
-            f"backbone path {str(path)!r} is not inside an allowed model directory ({where})",
-            param="backbone",
-        )
 
 
 def _prepared_record(

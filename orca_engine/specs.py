@@ -21,6 +21,8 @@ numpy / pydantic only (no torch): the API validates specs with it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -410,3 +412,33 @@ def resolve_spec(
             name=spec.name,
         )
     )
+
+
+# --- local backbone locations (SPEC §4: only inside the allowed model directories) ---
+
+
+def local_backbone_path(backbone: str) -> Path | None:
+    """The local file/dir a backbone id points at (``hf:<dir>``, ``timm:<arch>@<path>``, a path)."""
+    if backbone.startswith("hf:"):
+        return Path(backbone[len("hf:") :])
+    if backbone.startswith("timm:"):
+        _, at, weights = backbone.partition("@")
+        return Path(weights) if at else None
+    if "/" in backbone or "\\" in backbone or backbone.startswith((".", "~")):
+        return Path(backbone)
+    return None
+
+
+def check_backbone_location(backbone: str, model_dirs: Sequence[str | Path]) -> None:
+    """A local backbone must lie inside one of ``model_dirs`` (SPEC §4); registry names pass."""
+    path = local_backbone_path(backbone)
+    if path is None:
+        return
+    resolved = path.expanduser().resolve()
+    allowed = [Path(d).expanduser().resolve() for d in model_dirs]
+    if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
+        where = ", ".join(str(d) for d in allowed) or "none are configured"
+        raise SpecError(
+            f"backbone path {str(path)!r} is not inside an allowed model directory ({where})",
+            param="backbone",
+        )

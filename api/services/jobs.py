@@ -26,8 +26,8 @@ from api.queue import GPU_QUEUE, BrokerUnavailable, JobQueue
 from api.services.datasets import ACTIVE_JOB_STATUSES, get_dataset
 from api.services.pagination import fetch_page
 from orca_engine.data import DatasetInfo
-from orca_engine.errors import EngineError
-from orca_engine.specs import JobSpec, resolve_spec
+from orca_engine.errors import EngineError, SpecError
+from orca_engine.specs import JobSpec, check_backbone_location, local_backbone_path, resolve_spec
 
 logger = logging.getLogger(__name__)
 
@@ -41,37 +41,21 @@ def request_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def local_backbone_path(backbone: str) -> Path | None:
-    """The local file or directory a backbone id points at, or None for a registry name.
-
-    Same reading as the engine (``hf:<dir>``, ``timm:<arch>@<weights>``, or a bare path), kept
-    here because the engine's copy lives in a module that imports torch.
-    """
-    if backbone.startswith("hf:"):
-        return Path(backbone[len("hf:") :])
-    if backbone.startswith("timm:"):
-        _, at, weights = backbone.partition("@")
-        return Path(weights) if at else None
-    if "/" in backbone or "\\" in backbone or backbone.startswith((".", "~")):
-        return Path(backbone)
-    return None
-
-
 def check_backbone_path(backbone: str, model_dirs: Sequence[Path]) -> None:
-    """422 unless a local backbone resolves (symlinks followed) inside an allowed model dir."""
+    """422 unless a local backbone resolves (symlinks followed) inside an allowed model dir.
+
+    The rule is the engine's own (:func:`orca_engine.specs.check_backbone_location`), so the API
+    refuses exactly what a worker would; the API also refuses a path that does not exist.
+    """
     path = local_backbone_path(backbone)
     if path is None:
         return
+    try:
+        check_backbone_location(backbone, model_dirs)
+    except SpecError as exc:
+        message = exc.message if model_dirs else f"{exc.message} (set ORCA_MODEL_DIRS)"
+        raise ApiError(422, "backbone_not_allowed", message, param="backbone") from exc
     resolved = path.expanduser().resolve()
-    allowed = [Path(d).expanduser().resolve() for d in model_dirs]
-    if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
-        where = ", ".join(str(d) for d in allowed) or "none are configured (ORCA_MODEL_DIRS)"
-        raise ApiError(
-            422,
-            "backbone_not_allowed",
-            f"backbone path {str(path)!r} is not inside an allowed model directory ({where})",
-            param="backbone",
-        )
     if not resolved.exists():
         raise ApiError(
             422,
