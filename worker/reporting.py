@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from api.db import session_scope
 from api.models import Job, JobEvent
@@ -82,35 +83,59 @@ class DbCallbacks(Callbacks):
         self._stage: str | None = None
         self._stage_started = clock()
         self._latest_metrics: dict[str, dict[str, Any]] = {}
+        self._pending_events: list[dict[str, Any]] = []
+        self._resolved_spec_unsaved = False
 
     # -- events -----------------------------------------------------------------------------
     def event(self, message: str, *, kind: str = "log", data: dict[str, Any] | None = None) -> None:
-        """Append a line to the job's event log (and pick up the resolved spec when announced)."""
+        """Append a line to the job's event log (and pick up the resolved spec when announced).
+
+        Events are queued in memory first and written in order; if the database is unreachable
+        they stay queued and go out with the next successful write, so a short outage loses
+        none and does not stop the job.
+        """
         resolved = (data or {}).get("resolved_spec")
         if isinstance(resolved, dict):
             self.record_resolved_spec(resolved)
         elif kind == "choice":
             self._pick_up_resolved_spec()
-        with session_scope() as session:
-            session.add(
-                JobEvent(
-                    job_id=self.job_id,
-                    kind=kind[:16],
-                    message=message,
-                    data=json_safe(data) or None,
-                )
-            )
+        self._pending_events.append(
+            {"kind": kind[:16], "message": message, "data": json_safe(data) or None}
+        )
+        self.flush()
         logger.info("job %s %s: %s", self.job_id, kind, message)
+
+    def flush(self) -> bool:
+        """Write queued events (and a resolved spec not yet stored); False if the DB is down."""
+        if not self._pending_events and not self._resolved_spec_unsaved:
+            return True
+        try:
+            with session_scope() as session:
+                if self._resolved_spec_unsaved and self.resolved_spec is not None:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id)
+                        .values(resolved_spec=json_safe(self.resolved_spec))
+                    )
+                for pending in self._pending_events:
+                    session.add(JobEvent(job_id=self.job_id, **pending))
+        except DBAPIError as exc:
+            logger.warning(
+                "job %s: database unreachable, %d event(s) kept for the next write (%s)",
+                self.job_id,
+                len(self._pending_events),
+                type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+            )
+            return False
+        self._pending_events.clear()
+        self._resolved_spec_unsaved = False
+        return True
 
     def record_resolved_spec(self, resolved_spec: dict[str, Any]) -> None:
         """Store the fully resolved spec on the job as soon as the engine knows it."""
         self.resolved_spec = resolved_spec
-        with session_scope() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(resolved_spec=json_safe(resolved_spec))
-            )
+        self._resolved_spec_unsaved = True
+        self.flush()
 
     def _pick_up_resolved_spec(self) -> None:
         """The pipeline writes the resolved spec to ``prepare.json`` before announcing choices."""
@@ -158,16 +183,21 @@ class DbCallbacks(Callbacks):
         self._last_progress_write = now
         fraction = overall_progress(stage, step, total, self.align_enabled)
         eta = self._eta_seconds(stage, step, total, now)
-        with session_scope() as session:
-            job = session.get(Job, self.job_id)
-            if job is None:
-                return
-            values: dict[str, Any] = {"stage": stage, "progress": fraction, "eta_seconds": eta}
-            if self._latest_metrics:
-                current = dict(job.metrics or {})
-                current["train"] = {name: dict(m) for name, m in self._latest_metrics.items()}
-                values["metrics"] = current
-            session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+        if not self.flush():
+            return  # the database is down: progress is a snapshot, the next write catches up
+        try:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                if job is None:
+                    return
+                values: dict[str, Any] = {"stage": stage, "progress": fraction, "eta_seconds": eta}
+                if self._latest_metrics:
+                    current = dict(job.metrics or {})
+                    current["train"] = {name: dict(m) for name, m in self._latest_metrics.items()}
+                    values["metrics"] = current
+                session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+        except DBAPIError:
+            logger.warning("job %s: database unreachable, progress not recorded", self.job_id)
 
     def _eta_seconds(self, stage: str, step: int, total: int, now: float) -> float | None:
         """Remaining time: this stage from its measured seconds per step, later stages by weight."""
@@ -194,8 +224,13 @@ class DbCallbacks(Callbacks):
         if now - self._last_cancel_check < self.cancel_check_interval_seconds:
             return False
         self._last_cancel_check = now
-        with session_scope() as session:
-            status = session.execute(select(Job.status).where(Job.id == self.job_id)).scalar()
+        try:
+            with session_scope() as session:
+                status = session.execute(select(Job.status).where(Job.id == self.job_id)).scalar()
+        except DBAPIError:
+            # Unreachable database: keep running (a cancel is seen once it is back).
+            logger.warning("job %s: database unreachable, cancel check skipped", self.job_id)
+            return False
         # A job deleted or moved out of "running" by someone else must stop as well.
         self._cancel_requested = status != "running"
         return self._cancel_requested

@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +37,9 @@ from worker.heartbeat import (
 from worker.reporting import DbCallbacks, json_safe
 
 logger = logging.getLogger("orca.worker")
+
+#: how long a finished job waits for an unreachable database before leaving it to the reaper
+DATABASE_WAIT_SECONDS = 60.0
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -89,6 +93,7 @@ def execute_job(job_id: str, *, settings: Settings | None = None) -> str:
         if heartbeat.lost.is_set():
             logger.warning("job %s was taken over by another worker; leaving it", job_id)
             return "lost"
+        _wait_for_database(callbacks)
         if _finish(job_id, worker_id, status="cancelled", message="cancelled"):
             shutil.rmtree(workdir, ignore_errors=True)
         return "cancelled"
@@ -97,6 +102,7 @@ def execute_job(job_id: str, *, settings: Settings | None = None) -> str:
         engine_error: dict[str, Any] = {"code": error.code, "message": error.message}
         if error.param:
             engine_error["param"] = error.param
+        _wait_for_database(callbacks)
         if _finish(
             job_id,
             worker_id,
@@ -121,6 +127,7 @@ def execute_job(job_id: str, *, settings: Settings | None = None) -> str:
                 f"internal error in the worker ({type(error).__name__}); "
                 "the operators have the details in the worker log"
             )
+        _wait_for_database(callbacks)
         if _finish(
             job_id,
             worker_id,
@@ -132,9 +139,31 @@ def execute_job(job_id: str, *, settings: Settings | None = None) -> str:
         return "failed"
     if heartbeat.lost.is_set():
         return "lost"
+    _wait_for_database(callbacks)
     status = _record_success(claimed, worker_id, result, bundle_dir, storage)
     shutil.rmtree(workdir, ignore_errors=True)
     return status
+
+
+def _wait_for_database(
+    callbacks: DbCallbacks, *, max_seconds: float = DATABASE_WAIT_SECONDS
+) -> None:
+    """Write the events still queued from an outage before recording how the job ended.
+
+    Retries with backoff while the database is unreachable, so a finished job is recorded (and
+    its events keep their order) after a short outage instead of failing. Past ``max_seconds``
+    the job is left to the reaper, which requeues it to resume from its checkpoints.
+    """
+    deadline = time.monotonic() + max_seconds
+    delay = 0.5
+    while not callbacks.flush():
+        if time.monotonic() + delay > deadline:
+            raise RuntimeError(
+                f"database unreachable for {max_seconds:.0f} s while recording job "
+                f"{callbacks.job_id}; the reaper will requeue it"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 8.0)
 
 
 def claim_job(job_id: str, *, worker_id: str, settings: Settings) -> ClaimedJob | None:
