@@ -48,6 +48,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
+        # A broker restart must not end the worker: reconnect for as long as it takes.
+        "broker_connection_max_retries": None,
+        # ... nor the job it is running (Celery 6 flips this default to True, which would kill
+        # every running job on a broker blip; the job's state lives in our database, not in
+        # the message, so the running worker finishes and records it -- see RELIABILITY.md).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_transport_options": transport_options,
         "result_backend": None,
         "task_ignore_result": True,

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from api.config import Settings, get_settings
@@ -110,7 +111,16 @@ class Heartbeat:
                     logger.warning("job %s is no longer owned by %s", self.job_id, self.worker_id)
                     self.lost.set()
                     return
-            except Exception:  # a database blip must not kill the job; the next beat retries
+            except (OperationalError, InterfaceError) as error:
+                # The database is unreachable: the job keeps running and the next beat retries.
+                # An outage longer than worker_lost_after_seconds lets the reaper requeue the job;
+                # this worker then sees it is no longer the owner and stops without writing.
+                logger.warning(
+                    "heartbeat for job %s skipped, database unreachable (%s)",
+                    self.job_id,
+                    type(error.orig).__name__ if error.orig is not None else type(error).__name__,
+                )
+            except Exception:  # nothing else may kill the job either; the next beat retries
                 logger.exception("heartbeat for job %s failed", self.job_id)
 
 

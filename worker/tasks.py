@@ -13,13 +13,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Task
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from api.config import Settings, get_settings
 from api.db import session_scope
@@ -42,6 +44,35 @@ logger = logging.getLogger("orca.worker")
 DATABASE_WAIT_SECONDS = 60.0
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+_Result = TypeVar("_Result")
+
+
+def retry_while_database_unreachable(
+    write: Callable[[], _Result], *, what: str, max_seconds: float = DATABASE_WAIT_SECONDS
+) -> _Result:
+    """Run the transaction ``write``, retrying with backoff while the database is unreachable.
+
+    Only connection failures (``OperationalError``/``InterfaceError``) are retried, for up to
+    ``max_seconds``; the failed transaction was rolled back, so ``write`` starts afresh. ``write``
+    must cope with a commit that reached the database although its acknowledgement did not.
+    """
+    deadline = time.monotonic() + max_seconds
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "database unreachable while %s; retrying in %.1f s (%s)",
+                what,
+                delay,
+                type(error.orig).__name__ if error.orig is not None else type(error).__name__,
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 8.0)
 
 
 class ClaimOutcome(enum.Enum):
@@ -76,7 +107,11 @@ def execute_job(job_id: str, *, settings: Settings | None = None) -> str:
     """Claim, run and record job ``job_id``; returns the status it was left in."""
     settings = settings or get_settings()
     worker_id = this_worker_id()
-    claimed = claim_job(job_id, worker_id=worker_id, settings=settings)
+    # A delivery during a database outage must not drop the job (it would stay queued forever).
+    claimed = retry_while_database_unreachable(
+        lambda: claim_job(job_id, worker_id=worker_id, settings=settings),
+        what=f"claiming job {job_id}",
+    )
     if claimed is None:
         return "skipped"
     storage = get_storage()
@@ -364,10 +399,12 @@ def _record_success(
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(produced, model_dir)  # same filesystem: the bundle appears whole or not at all
     # A cancel that lands after the engine finished still wins, and is committed like any outcome.
-    outcome = "succeeded"
-    try:
+
+    def write() -> str:
         with session_scope() as session:
             job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
+            if job is not None and job.model_id == model_id:
+                return str(job.status)  # an earlier try committed, only its answer was lost
             if (
                 job is None
                 or job.worker_id != worker_id
@@ -386,43 +423,43 @@ def _record_success(
                         data={"status": "cancelled"},
                     )
                 )
-                outcome = "cancelled"
-            else:
-                task_spec = resolved_spec or job.resolved_spec or {}
-                session.add(
-                    Model(
-                        id=model_id,
-                        tenant_id=claimed.tenant_id,
-                        job_id=job_id,
-                        dataset_id=claimed.dataset_id,
-                        name=claimed.name,
-                        storage_key=storage.model_key(model_id),
-                        bytes=_directory_bytes(model_dir),
-                        task_spec=task_spec,
-                        metrics=metrics,
-                    )
+                return "cancelled"
+            task_spec = resolved_spec or job.resolved_spec or {}
+            session.add(
+                Model(
+                    id=model_id,
+                    tenant_id=claimed.tenant_id,
+                    job_id=job_id,
+                    dataset_id=claimed.dataset_id,
+                    name=claimed.name,
+                    storage_key=storage.model_key(model_id),
+                    bytes=_directory_bytes(model_dir),
+                    task_spec=task_spec,
+                    metrics=metrics,
                 )
-                job.status = "succeeded"
-                job.stage = "export"
-                job.progress = 1.0
-                job.eta_seconds = 0.0
-                job.metrics = _final_job_metrics(
-                    metrics, job.metrics, getattr(result, "curves", None)
+            )
+            job.status = "succeeded"
+            job.stage = "export"
+            job.progress = 1.0
+            job.eta_seconds = 0.0
+            job.metrics = _final_job_metrics(metrics, job.metrics, getattr(result, "curves", None))
+            if resolved_spec:
+                job.resolved_spec = resolved_spec
+            job.model_id = model_id
+            job.finished_at = utc_now()
+            job.heartbeat_at = utc_now()
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    kind="status",
+                    message=f"succeeded; model {model_id}",
+                    data={"status": "succeeded", "model_id": model_id, "metrics": metrics},
                 )
-                if resolved_spec:
-                    job.resolved_spec = resolved_spec
-                job.model_id = model_id
-                job.finished_at = utc_now()
-                job.heartbeat_at = utc_now()
-                session.add(
-                    JobEvent(
-                        job_id=job_id,
-                        kind="status",
-                        message=f"succeeded; model {model_id}",
-                        data={"status": "succeeded", "model_id": model_id, "metrics": metrics},
-                    )
-                )
-                outcome = "succeeded"
+            )
+            return "succeeded"
+
+    try:
+        outcome = retry_while_database_unreachable(write, what=f"recording job {job_id}")
     except _NotOurs:
         shutil.rmtree(model_dir, ignore_errors=True)
         logger.warning("job %s changed owner before it could be recorded; discarding", job_id)
@@ -430,7 +467,7 @@ def _record_success(
     except Exception:
         shutil.rmtree(model_dir, ignore_errors=True)
         raise
-    if outcome == "cancelled":
+    if outcome != "succeeded":
         shutil.rmtree(model_dir, ignore_errors=True)
     return outcome
 
@@ -450,24 +487,31 @@ def _finish(
     """Record a terminal status, unless the job has meanwhile been taken by another worker.
 
     Returns False when the job is no longer this worker's (its work dir then stays for the next run).
+    Waits (with backoff, up to ``DATABASE_WAIT_SECONDS``) for an unreachable database.
     """
-    with session_scope() as session:
-        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
-        if job is None or job.worker_id != worker_id:
-            return False
-        job.status = status
-        job.error = error
-        job.eta_seconds = None
-        job.finished_at = utc_now()
-        session.add(
-            JobEvent(
-                job_id=job_id,
-                kind="status",
-                message=message,
-                data={"status": status, **({"error": error} if error else {})},
+
+    def write() -> bool:
+        with session_scope() as session:
+            job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
+            if job is None or job.worker_id != worker_id:
+                return False
+            if job.status == status and job.finished_at is not None:
+                return True  # an earlier try committed, only its answer was lost
+            job.status = status
+            job.error = error
+            job.eta_seconds = None
+            job.finished_at = utc_now()
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    kind="status",
+                    message=message,
+                    data={"status": status, **({"error": error} if error else {})},
+                )
             )
-        )
-    return True
+        return True
+
+    return retry_while_database_unreachable(write, what=f"recording job {job_id} as {status}")
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
