@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -48,6 +48,16 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 _Result = TypeVar("_Result")
 
 
+def backoff_delays(max_seconds: float) -> Iterator[float]:
+    """Waits of 0.5 s doubling to at most 8 s, while sleeping the next one stays within
+    ``max_seconds`` from now: the one retry schedule for every wait on the database."""
+    deadline = time.monotonic() + max_seconds
+    delay = 0.5
+    while time.monotonic() + delay <= deadline:
+        yield delay
+        delay = min(delay * 2, 8.0)
+
+
 def retry_while_database_unreachable(
     write: Callable[[], _Result], *, what: str, max_seconds: float = DATABASE_WAIT_SECONDS
 ) -> _Result:
@@ -57,14 +67,10 @@ def retry_while_database_unreachable(
     ``max_seconds``; the failed transaction was rolled back, so ``write`` starts afresh. ``write``
     must cope with a commit that reached the database although its acknowledgement did not.
     """
-    deadline = time.monotonic() + max_seconds
-    delay = 0.5
-    while True:
+    for delay in backoff_delays(max_seconds):
         try:
             return write()
         except (OperationalError, InterfaceError) as error:
-            if time.monotonic() + delay > deadline:
-                raise
             logger.warning(
                 "database unreachable while %s; retrying in %.1f s (%s)",
                 what,
@@ -72,7 +78,7 @@ def retry_while_database_unreachable(
                 type(error.orig).__name__ if error.orig is not None else type(error).__name__,
             )
         time.sleep(delay)
-        delay = min(delay * 2, 8.0)
+    return write()  # the last try: its error, if any, goes to the caller
 
 
 class ClaimOutcome(enum.Enum):
@@ -189,16 +195,15 @@ def _wait_for_database(
     its events keep their order) after a short outage instead of failing. Past ``max_seconds``
     the job is left to the reaper, which requeues it to resume from its checkpoints.
     """
-    deadline = time.monotonic() + max_seconds
-    delay = 0.5
-    while not callbacks.flush():
-        if time.monotonic() + delay > deadline:
-            raise RuntimeError(
-                f"database unreachable for {max_seconds:.0f} s while recording job "
-                f"{callbacks.job_id}; the reaper will requeue it"
-            )
+    for delay in backoff_delays(max_seconds):
+        if callbacks.flush():
+            return
         time.sleep(delay)
-        delay = min(delay * 2, 8.0)
+    if not callbacks.flush():
+        raise RuntimeError(
+            f"database unreachable for {max_seconds:.0f} s while recording job "
+            f"{callbacks.job_id}; the reaper will requeue it"
+        )
 
 
 def claim_job(job_id: str, *, worker_id: str, settings: Settings) -> ClaimedJob | None:
