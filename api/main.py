@@ -6,6 +6,7 @@ broker connection): those happen on first use. Run ``orca migrate`` before servi
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,10 +16,10 @@ from fastapi import FastAPI
 import orca_engine
 from api.config import Settings, get_settings
 from api.errors import install_error_handlers
-from api.metrics import PrometheusMiddleware
+from api.metrics import PrometheusMiddleware, start_metrics_server
 from api.predict_service import PredictService
 from api.queue import JobQueue
-from api.routes import datasets, health, jobs, models
+from api.routes import dashboard, datasets, health, jobs, models
 from api.storage import LocalStorage
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 logger.info("removed %d stale temp upload(s)", len(removed))
         except OSError as exc:  # an unwritable storage shows up in /readyz; start anyway
             logger.warning("could not sweep stale temp uploads: %s", exc)
-        yield
+        metrics_server = None
+        if settings.metrics_port is not None:
+            metrics_server = start_metrics_server(
+                settings.metrics_port,
+                refresh=functools.partial(
+                    health.refresh_job_counts, settings.resolved_database_url
+                ),
+            )
+        try:
+            yield
+        finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
 
     app = FastAPI(
         title="ORCA model adaptation API",
@@ -79,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     app.add_middleware(PrometheusMiddleware)
-    for router in (datasets.router, jobs.router, models.router, health.router):
+    for router in (datasets.router, jobs.router, models.router, health.router, dashboard.router):
         app.include_router(router)
     return app
 

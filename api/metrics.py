@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,6 +21,7 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -68,10 +71,31 @@ def render_latest() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
-    """Serve /metrics on a separate (internal) port as well (``Settings.metrics_port``)."""
-    start_http_server(port, addr=addr, registry=REGISTRY)
+class _RefreshingRegistry:
+    """``REGISTRY`` with ``refresh`` run before each collection, so gauges read at scrape time
+    (jobs by state) are current on the internal port too."""
+
+    def __init__(self, refresh: Callable[[], None]) -> None:
+        self._refresh = refresh
+
+    def collect(self) -> Iterable[Metric]:
+        self._refresh()
+        return REGISTRY.collect()
+
+    def restricted_registry(self, names: Iterable[str]) -> Any:
+        self._refresh()
+        return REGISTRY.restricted_registry(names)
+
+
+def start_metrics_server(
+    port: int, addr: str = "0.0.0.0", refresh: Callable[[], None] | None = None
+) -> WSGIServer:
+    """Serve /metrics on a separate (internal) port as well (``Settings.metrics_port``); the
+    caller shuts the returned server down."""
+    registry: Any = REGISTRY if refresh is None else _RefreshingRegistry(refresh)
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
     logger.info("prometheus metrics on %s:%d", addr, port)
+    return server
 
 
 class PrometheusMiddleware:

@@ -73,13 +73,16 @@ def alignment_points(
         for index, entry in enumerate(curve):
             if isinstance(entry, Mapping):
                 value = _number(entry.get("distance", entry.get("value")))
-                epoch = _number(entry.get("epoch")) or float(index)
+                epoch = _number(entry.get("epoch"))
+                epoch = float(index) if epoch is None else epoch
             else:
                 value, epoch = _number(entry), float(index)
             if value is not None:
                 points.append((epoch, value))
         return points
     for index, data in enumerate(events):
+        if "distance" not in data and "value" not in data and ("before" in data or "after" in data):
+            continue  # the run's summary (before -> after), not an epoch of the curve
         value = _number(data.get("distance", data.get("value")))
         if value is None:  # the first numeric field that is not bookkeeping
             value = next(
@@ -91,7 +94,9 @@ def alignment_points(
                 None,
             )
         if value is not None:
-            points.append((_number(data.get("epoch")) or float(index + 1), value))
+            # Epochs are 0-based like the stored curve; `or` would fold epoch 0 into epoch 1.
+            epoch = _number(data.get("epoch"))
+            points.append((float(index) if epoch is None else epoch, value))
     return points
 
 

@@ -100,3 +100,33 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     )
+
+
+# -- browser-facing headers -----------------------------------------------------------------------
+
+# The dashboard is same-origin scripts and styles only: no inline script or style, no third-party
+# origin, plots shown from blob: URLs made of bytes fetched with the key, nothing may frame it.
+DASHBOARD_CSP = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' blob:",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    )
+)
+
+
+def browser_security_headers() -> dict[str, str]:
+    """Headers for responses a browser renders (the dashboard page and its assets)."""
+    return {
+        "Content-Security-Policy": DASHBOARD_CSP,
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        # The key lives in sessionStorage, never in a URL, but keep other pages' URLs private too.
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }

@@ -58,12 +58,17 @@ def readyz(settings: SettingsDep, storage: StorageDep, queue: QueueDep) -> JSONR
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(settings: SettingsDep) -> Response:
+def refresh_job_counts(database_url: str) -> None:
+    """Read jobs by state into the gauge; a database outage leaves the last values."""
     try:
-        with session_scope(settings.resolved_database_url) as session:
+        with session_scope(database_url) as session:
             prom.set_job_counts(jobs_by_status(db_session=session))
     except Exception as exc:  # metrics must still render while the database is down
         logger.warning("could not count jobs for /metrics: %s", exc)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(settings: SettingsDep) -> Response:
+    refresh_job_counts(settings.resolved_database_url)
     payload, content_type = prom.render_latest()
     return Response(content=payload, media_type=content_type)
