@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models: tenants, API keys, datasets, jobs, job events, fine-tuned models.
+"""SQLAlchemy 2 models: tenants, API keys, datasets, jobs, job events, fine-tuned models,
+dataset analyses.
 
 IDs are time-ordered strings (``<prefix>_<ms timestamp hex><random hex>``) so ``ORDER BY id DESC`` is
 newest first and a list cursor (``after``) is just the last id of the previous page.
@@ -185,3 +186,31 @@ class Model(Base):
     task_spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetAnalysis(Base):
+    """A transferability analysis of a dataset: which backbone/source pair suits it (issue 7).
+
+    Runs on a worker (``orca.analyze_dataset``); ``result`` is the engine's
+    ``AnalysisResult.to_dict()`` once it succeeded. The latest succeeded one per dataset is what
+    jobs with ``backbone: auto`` / ``alignment.source: auto`` choose from.
+    """
+
+    __tablename__ = "dataset_analyses"
+    __table_args__ = (Index("ix_dataset_analyses_dataset_id_id", "dataset_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("an"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    # queued | running | succeeded | failed
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    queue: Mapped[str] = mapped_column(String(16), default="cpu")
+    # The request as validated (candidates, distance, sample size, epochs, seed).
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # {"code": ..., "message": ...} when failed
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -1,8 +1,9 @@
 """Enqueueing jobs by task name with a producer-only Celery app (the API never imports ``worker``).
 
 The task is ``orca.run_job`` with ``args=[job_id]`` and ``task_id=job_id`` (so a queued job can
-be revoked by its id). ``queue="auto"`` routes to ``gpu`` when any worker listens there,
-asked by a short broadcast whose answer is cached; otherwise, or when the broadcast fails, ``cpu``.
+be revoked by its id); a dataset analysis is ``orca.analyze_dataset`` with its analysis id.
+``queue="auto"`` routes to ``gpu`` when any worker listens there, asked by a short broadcast
+whose answer is cached; otherwise, or when the broadcast fails, ``cpu``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from api.config import Settings
 logger = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "orca.run_job"
+ANALYZE_DATASET_TASK = "orca.analyze_dataset"
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
 
@@ -102,12 +104,19 @@ class JobQueue:
 
     def enqueue(self, job_id: str, queue: str) -> None:
         """Send ``orca.run_job(job_id)`` to ``queue``; :class:`BrokerUnavailable` on failure."""
+        self._send(RUN_JOB_TASK, job_id, queue)
+
+    def enqueue_analysis(self, analysis_id: str, queue: str) -> None:
+        """Send ``orca.analyze_dataset(analysis_id)`` to ``queue`` (same failure contract)."""
+        self._send(ANALYZE_DATASET_TASK, analysis_id, queue)
+
+    def _send(self, task: str, object_id: str, queue: str) -> None:
         try:
             self.celery_app.send_task(
-                RUN_JOB_TASK,
-                args=[job_id],
+                task,
+                args=[object_id],
                 queue=queue,
-                task_id=job_id,
+                task_id=object_id,
                 retry=True,
                 retry_policy={
                     "max_retries": 2,
@@ -117,7 +126,7 @@ class JobQueue:
                 },
             )
         except Exception as exc:
-            logger.warning("could not enqueue job %s on %s: %s", job_id, queue, exc)
+            logger.warning("could not enqueue %s(%s) on %s: %s", task, object_id, queue, exc)
             raise BrokerUnavailable(str(exc)) from exc
 
     def revoke(self, job_id: str) -> None:

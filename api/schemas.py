@@ -8,11 +8,11 @@ engine can never disagree about what a spec is.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models import Dataset, Job, JobEvent, Model
+from api.models import Dataset, DatasetAnalysis, Job, JobEvent, Model
 from orca_engine.specs import JobSpec
 
 DEFAULT_PAGE_SIZE = 20
@@ -410,3 +410,120 @@ def error_responses(
 
 # Every /v1 route: no or bad key, unknown id (or another tenant's), invalid parameters.
 COMMON_ERROR_RESPONSES = error_responses(401, 404, 422)
+
+
+# -- dataset transferability analysis -----------------------------------------------------------
+
+#: bounds of the analysis request (the engine enforces the same: orca_engine.analyze)
+ANALYSIS_MAX_SAMPLE_SIZE = 500
+ANALYSIS_MAX_ALIGN_EPOCHS = 20
+ANALYSIS_MAX_CANDIDATES = 10
+
+
+class AnalysisCreate(BaseModel):
+    """Body of ``POST /v1/datasets/{id}/analyze`` (every field optional)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"sample_size": 256, "align_epochs": 10, "distance": "otdd"}]
+        },
+    )
+
+    backbones: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        default=None,
+        max_length=ANALYSIS_MAX_CANDIDATES,
+        description="backbone ids to compare (default: every pretrained backbone installed)",
+    )
+    sources: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None,
+        max_length=ANALYSIS_MAX_CANDIDATES,
+        description="extra source proxies besides each backbone's own (english-text, "
+        "natural-images) -- a proxy name or one of your dataset ids",
+    )
+    distance: Literal["otdd", "otdd_gaussian", "ot", "mmd", "l2", "cosine"] = "otdd"
+    sample_size: Annotated[int, Field(ge=2, le=ANALYSIS_MAX_SAMPLE_SIZE, strict=True)] = 256
+    align_epochs: Annotated[int, Field(ge=0, le=ANALYSIS_MAX_ALIGN_EPOCHS, strict=True)] = 10
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)] = 0
+    allow_random_init: Annotated[bool, Field(strict=True)] = False
+    queue: Literal["auto", "gpu", "cpu"] = "auto"
+
+
+class AnalysisPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "an_0193a5b2c4d1e2f3a4b5c6d7",
+                    "object": "analysis",
+                    "dataset_id": "ds_0193a5b2c4d1e2f3a4b5c6d7",
+                    "status": "succeeded",
+                    "params": {"distance": "otdd", "sample_size": 256, "align_epochs": 10},
+                    "best": {"backbone": "minilm-l6", "source": "english-text"},
+                    "ranking": [
+                        {
+                            "rank": 1,
+                            "backbone": "minilm-l6",
+                            "source": "english-text",
+                            "status": "ok",
+                            "before": 1.83,
+                            "after": 0.41,
+                            "score": 0.12,
+                            "seconds": 2.1,
+                        }
+                    ],
+                    "error": None,
+                    "seconds": 4.2,
+                    "created_at": "2025-11-23T18:00:00Z",
+                    "started_at": "2025-11-23T18:00:01Z",
+                    "finished_at": "2025-11-23T18:00:05Z",
+                }
+            ]
+        }
+    )
+
+    id: str
+    object: str = "analysis"
+    dataset_id: str
+    status: str = Field(description="queued | running | succeeded | failed")
+    params: dict[str, Any] = Field(description="the request as validated")
+    best: dict[str, Any] | None = Field(
+        description="the top-ranked {backbone, source} pair, once succeeded"
+    )
+    ranking: list[dict[str, Any]] = Field(
+        description="every candidate, best first: distance before/after the short alignment, "
+        "score (aligned distance / the proxy's own spread: lower is better), seconds; skipped "
+        "candidates last with a reason"
+    )
+    error: JobError | None
+    seconds: float | None = Field(description="wall time of the whole analysis")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: DatasetAnalysis) -> AnalysisPublic:
+        result = row.result or {}
+        error = None
+        if row.error:
+            error = JobError(
+                code=str(row.error.get("code", "error")),
+                message=str(row.error.get("message", "")),
+                param=row.error.get("param"),
+            )
+        return cls(
+            id=row.id,
+            dataset_id=row.dataset_id,
+            status=row.status,
+            params=row.params or {},
+            best=result.get("best"),
+            ranking=[
+                {k: v for k, v in candidate.items() if k != "curve"}
+                for candidate in result.get("candidates") or []
+            ],
+            error=error,
+            seconds=result.get("seconds"),
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )

@@ -1,6 +1,6 @@
 """The ``orca`` commands that talk to a running service over HTTP, built on :mod:`orca_client`.
 
-``orca datasets upload|ls|show|rm``, ``orca jobs create|ls|show|wait|cancel|events``,
+``orca datasets upload|ls|show|rm|analyze|analysis``, ``orca jobs create|ls|show|wait|cancel|events``,
 ``orca models ls|show|download|rm`` and ``orca predict``. The service and key come from
 ``--url`` / ``--api-key`` or ``ORCA_URL`` / ``ORCA_API_KEY``. Every command takes ``--json``
 (the service's JSON on stdout; errors as the service's error envelope). Progress bars go to
@@ -26,7 +26,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     import numpy as np
 
-    from orca_client import Client, Dataset, Event, Job, Model
+    from orca_client import Analysis, Client, Dataset, Event, Job, Model
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -96,11 +96,21 @@ def show_report(report: dict[str, Any], target: Console) -> None:
 
 @contextmanager
 def api_errors(json_output: bool) -> Iterator[None]:
-    """Turn client errors into messages and exit codes (1 API/user error, 3 job failed)."""
-    from orca_client import ApiError, JobFailed, OrcaError
+    """Turn client errors into messages and exit codes (1 API/user error, 3 job or analysis
+    failed)."""
+    from orca_client import AnalysisFailed, ApiError, JobFailed, OrcaError
 
     try:
         yield
+    except AnalysisFailed as failure:
+        if json_output:
+            print_json(failure.analysis.to_dict())
+        else:
+            error_console.print(
+                f"[red]analysis {failure.analysis.id} failed[/red]: {failure.code}: "
+                f"{failure.message}"
+            )
+        raise typer.Exit(EXIT_JOB_FAILED) from None
     except JobFailed as failure:
         if json_output:
             print_json(failure.job.to_dict())
@@ -301,6 +311,137 @@ def datasets_rm(
         print_json({"id": dataset_id, "deleted": True})
     else:
         console.print(f"deleted dataset {dataset_id}")
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def analysis_table(analysis: Analysis) -> Table:
+    """The ranking: one row per candidate pair, best first, skipped ones last with the reason."""
+    distance = analysis.params.get("distance", "")
+    table = Table(
+        title=f"transferability of {analysis.dataset_id} ({distance}, lower score is better)",
+        title_justify="left",
+    )
+    table.add_column("rank", justify="right")
+    table.add_column("backbone", style="bold")
+    table.add_column("source")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("note")
+    for row in analysis.ranking:
+        best = row.get("rank") == 1
+        table.add_row(
+            str(row.get("rank") or "-"),
+            str(row.get("backbone", "")),
+            str(row.get("source", "")),
+            _number(row.get("before")),
+            _number(row.get("after")),
+            f"[green]{_number(row.get('score'))}[/green]" if best else _number(row.get("score")),
+            "-" if row.get("seconds") is None else f"{row['seconds']:.1f}",
+            str(row.get("reason") or ("best" if best else "")),
+        )
+    return table
+
+
+def show_analysis(analysis: Analysis) -> None:
+    console.print(
+        _details(
+            [
+                ("analysis", analysis.id),
+                ("dataset", analysis.dataset_id),
+                ("status", analysis.status),
+                ("seconds", _number(analysis.seconds)),
+                (
+                    "best",
+                    f"{analysis.best['backbone']} + {analysis.best['source']}"
+                    if analysis.best
+                    else None,
+                ),
+            ]
+        )
+    )
+    if analysis.ranking:
+        console.print(analysis_table(analysis))
+    if analysis.best:
+        console.print("jobs with backbone 'auto' / alignment.source 'auto' now use the best pair")
+
+
+@datasets_app.command("analyze")
+def datasets_analyze(
+    dataset_id: Annotated[str, typer.Argument(help="dataset id (ds_...)")],
+    backbones: Annotated[
+        list[str] | None,
+        typer.Option("--backbone", help="a backbone to compare (repeat; default: all installed)"),
+    ] = None,
+    sources: Annotated[
+        list[str] | None,
+        typer.Option("--source", help="an extra source proxy: a proxy name or a dataset id"),
+    ] = None,
+    sample_size: Annotated[
+        int | None, typer.Option(min=2, max=500, help="rows of the dataset embedded [256]")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=0, max=20, help="alignment epochs [10]")
+    ] = None,
+    distance: Annotated[str | None, typer.Option(help="dataset distance [otdd]")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="random seed [0]")] = None,
+    allow_random_init: Annotated[
+        bool, typer.Option("--allow-random-init", help="also try the tiny random test backbones")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="wait for the ranking; exit 3 if it fails")
+    ] = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Rank backbone/source pairs for a dataset (a short alignment each, seconds to a minute)."""
+    with connect(url, api_key, json_output) as client:
+        analysis = client.analyze_dataset(
+            dataset_id,
+            backbones=backbones or None,
+            sources=sources or None,
+            sample_size=sample_size,
+            align_epochs=epochs,
+            distance=distance,
+            seed=seed,
+            allow_random_init=allow_random_init or None,
+        )
+        if wait:
+            if not json_output:
+                with error_console.status(f"analysing {dataset_id} ({analysis.id})"):
+                    analysis = client.wait_analysis(dataset_id, analysis_id=analysis.id)
+            else:
+                analysis = client.wait_analysis(dataset_id, analysis_id=analysis.id)
+    if json_output:
+        print_json(analysis.to_dict())
+    elif wait:
+        show_analysis(analysis)
+    else:
+        console.print(
+            f"analysis {analysis.id} is {analysis.status}; "
+            f"`orca datasets analysis {dataset_id}` shows the ranking"
+        )
+
+
+@datasets_app.command("analysis")
+def datasets_analysis(
+    dataset_id: Annotated[str, typer.Argument(help="dataset id (ds_...)")],
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show the latest transferability analysis of a dataset and its ranking."""
+    with connect(url, api_key, json_output) as client:
+        analysis = client.get_analysis(dataset_id)
+    if json_output:
+        print_json(analysis.to_dict())
+    else:
+        show_analysis(analysis)
 
 
 # -- jobs ---------------------------------------------------------------------------------------

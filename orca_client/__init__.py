@@ -8,11 +8,13 @@
 """
 
 from orca_client.client import DEFAULT_URL, Client
-from orca_client.errors import ApiError, ConnectionFailed, JobFailed, OrcaError
-from orca_client.types import Dataset, Event, Job, JobError, Model, Prediction
+from orca_client.errors import AnalysisFailed, ApiError, ConnectionFailed, JobFailed, OrcaError
+from orca_client.types import Analysis, Dataset, Event, Job, JobError, Model, Prediction
 
 __all__ = [
     "DEFAULT_URL",
+    "Analysis",
+    "AnalysisFailed",
     "ApiError",
     "Client",
     "ConnectionFailed",

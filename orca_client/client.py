@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
-from orca_client.errors import ApiError, ConnectionFailed, JobFailed, OrcaError
+from orca_client.errors import AnalysisFailed, ApiError, ConnectionFailed, JobFailed, OrcaError
 from orca_client.progress import JobProgressDisplay, upload_progress
 from orca_client.specs import deep_merge
 from orca_client.sse import parse_sse
-from orca_client.types import FAILED_STATUSES, Dataset, Event, Job, Model, Prediction
+from orca_client.types import FAILED_STATUSES, Analysis, Dataset, Event, Job, Model, Prediction
 from orca_client.uploads import (
     MultipartFileBody,
     array_to_npy_bytes,
@@ -232,6 +232,67 @@ class Client:
     def delete_dataset(self, dataset_id: str) -> None:
         """Delete a dataset and its file (409 ``ApiError`` while an unfinished job uses it)."""
         self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
+    def analyze_dataset(
+        self,
+        dataset_id: str,
+        *,
+        backbones: list[str] | None = None,
+        sources: list[str] | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Analysis:
+        """Start a transferability analysis: which backbone and source proxy suit the dataset.
+
+        ``backbones`` (default: every pretrained one the service has) and extra ``sources``
+        (proxy names or your dataset ids) pick the candidates; ``options`` are the other request
+        fields (``sample_size``, ``align_epochs``, ``distance``, ``seed``, ``allow_random_init``,
+        ``queue``). Returns it queued, or finished with ``wait=True`` (:class:`AnalysisFailed`
+        if it failed). Jobs with ``backbone: "auto"`` then take its best pair.
+        """
+        body: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+        if backbones is not None:
+            body["backbones"] = list(backbones)
+        if sources is not None:
+            body["sources"] = list(sources)
+        analysis = Analysis.from_api(
+            self._json("POST", f"/v1/datasets/{dataset_id}/analyze", json=body), self
+        )
+        if wait:
+            return self.wait_analysis(dataset_id, analysis_id=analysis.id, timeout=timeout)
+        return analysis
+
+    def get_analysis(self, dataset_id: str) -> Analysis:
+        """The dataset's latest analysis (404 ``ApiError`` if it was never analysed)."""
+        return Analysis.from_api(self._json("GET", f"/v1/datasets/{dataset_id}/analysis"), self)
+
+    def wait_analysis(
+        self,
+        dataset_id: str,
+        *,
+        analysis_id: str | None = None,
+        timeout: float | None = None,
+        poll_seconds: float = 1.0,
+    ) -> Analysis:
+        """Poll until the dataset's latest analysis (or a newer one than ``analysis_id``) ends.
+
+        Raises :class:`AnalysisFailed` when it failed, ``TimeoutError`` after ``timeout`` s.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            analysis = self.get_analysis(dataset_id)
+            current = analysis_id is None or analysis.id >= analysis_id
+            if current and analysis.done:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the analysis of {dataset_id} is still {analysis.status} after {timeout:g} s"
+                )
+            time.sleep(poll_seconds)
+        if analysis.status == "failed":
+            raise AnalysisFailed(analysis)
+        return analysis
 
     # -- jobs -----------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from orca_client.types import Job
+    from orca_client.types import Analysis, Job
 
 
 class OrcaError(Exception):
@@ -77,3 +77,13 @@ class JobFailed(OrcaError):
         self.code = job.error.code if job.error else job.status
         self.message = job.error.message if job.error else f"job {job.id} was {job.status}"
         super().__init__(f"job {job.id} {job.status}: {self.code}: {self.message}")
+
+
+class AnalysisFailed(OrcaError):
+    """A dataset analysis ended ``failed``; ``code``/``message`` are its own error."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        self.code = analysis.error.code if analysis.error else "failed"
+        self.message = analysis.error.message if analysis.error else "the analysis failed"
+        super().__init__(f"analysis {analysis.id} failed: {self.code}: {self.message}")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 FAILED_STATUSES = frozenset({"failed", "cancelled"})
+ANALYSIS_TERMINAL_STATUSES = frozenset({"succeeded", "failed"})
 
 
 def _time(value: Any) -> datetime | None:
@@ -276,3 +277,65 @@ class Model(_ApiObject):
     def download(self, path: str | Path) -> Path:
         """Save the checkpoint bundle as a .zip; see :meth:`Client.download_model`."""
         return self._bound().download_model(self.id, path)
+
+
+@dataclass(frozen=True)
+class Analysis(_ApiObject):
+    """A transferability analysis of a dataset: candidate backbone/source pairs, best first.
+
+    Each ``ranking`` entry has ``rank``, ``backbone``, ``source``, ``status`` (``ok`` or
+    ``skipped``), the distance ``before``/``after`` a short alignment, ``score`` (the aligned
+    distance in units of the proxy's own spread; lower is better), ``seconds`` and, when skipped,
+    ``reason``.
+    """
+
+    id: str
+    dataset_id: str
+    status: str
+    params: dict[str, Any]
+    best: dict[str, Any] | None
+    ranking: list[dict[str, Any]]
+    error: JobError | None
+    seconds: float | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    client: Client | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, body: dict[str, Any], client: Client | None = None) -> Analysis:
+        error = body.get("error")
+        return cls(
+            raw=body,
+            id=body["id"],
+            dataset_id=body.get("dataset_id", ""),
+            status=body["status"],
+            params=dict(body.get("params") or {}),
+            best=body.get("best"),
+            ranking=list(body.get("ranking") or []),
+            error=JobError(
+                code=str(error.get("code", "error")),
+                message=str(error.get("message", "")),
+                param=error.get("param"),
+            )
+            if isinstance(error, dict)
+            else None,
+            seconds=body.get("seconds"),
+            created_at=_required_time(body.get("created_at")),
+            started_at=_time(body.get("started_at")),
+            finished_at=_time(body.get("finished_at")),
+            client=client,
+        )
+
+    @property
+    def done(self) -> bool:
+        """True once the analysis succeeded or failed."""
+        return self.status in ANALYSIS_TERMINAL_STATUSES
+
+    def wait(self, timeout: float | None = None, poll_seconds: float = 1.0) -> Analysis:
+        """Block until this analysis finishes; see :meth:`Client.wait_analysis`."""
+        if self.client is None:
+            raise RuntimeError("this Analysis was not fetched through a Client")
+        return self.client.wait_analysis(
+            self.dataset_id, analysis_id=self.id, timeout=timeout, poll_seconds=poll_seconds
+        )

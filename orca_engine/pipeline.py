@@ -8,6 +8,11 @@ that was never interrupted (on CPU). The test split is read once, in ``evaluate`
 ``alignment.max_samples`` caps *both* sides of the alignment: at most that many target training
 samples (a seeded subsample) are embedded per alignment epoch, and the source proxy holds at most
 that many samples. One knob bounds the cost of the dataset distance, which grows with both.
+
+``backbone: auto`` / ``alignment.source: auto`` are decided in ``prepare`` by
+:func:`orca_engine.analyze.choose_backbone_and_source` (a stored transferability analysis, or one
+run here when several pairs are possible), announced as a ``choice`` event with the numbers, and
+stored in ``prepare.json`` with the rest of the resolved spec.
 """
 
 from __future__ import annotations
@@ -128,6 +133,108 @@ def _announce_choices(rspec: ResolvedSpec, callbacks: Callbacks) -> None:
         )
 
 
+@dataclass
+class ChoiceContext:
+    """What ``backbone: auto`` / ``alignment.source: auto`` may draw on (see ``analyze``).
+
+    ``stored_analysis`` is the dataset's latest succeeded transferability analysis (its
+    ``AnalysisResult.to_dict()``), ``extra_backbones`` ids the service offers besides the
+    registry's installed ones; ``source_paths`` maps dataset ids named as a source to their file.
+    """
+
+    stored_analysis: Mapping[str, Any] | None = None
+    extra_backbones: Sequence[str] = ()
+    source_paths: Mapping[str, str | Path] | None = None
+    proxy_cache_dir: str | Path | None = None
+
+
+def _choose_backbone_and_source(
+    job_spec: JobSpec,
+    rspec: ResolvedSpec,
+    dataset: Dataset,
+    context: ChoiceContext,
+    device: torch.device,
+    callbacks: Callbacks,
+) -> tuple[ResolvedSpec, dict[str, Any] | None]:
+    """Replace the family defaults of an ``auto`` backbone/source by the analysis's best pair."""
+    from orca_engine.analyze import (
+        DEFAULT_ALIGN_EPOCHS,
+        DEFAULT_DISTANCE,
+        DEFAULT_SAMPLE_SIZE,
+        AnalysisResult,
+        Candidate,
+        analyze_transferability,
+        choose_backbone_and_source,
+    )
+
+    def run_analysis(candidates: list[Candidate]) -> AnalysisResult:
+        callbacks.event(
+            f"prepare: analysing {len(candidates)} backbone/proxy pairs to choose for 'auto'",
+            kind="log",
+        )
+        return analyze_transferability(
+            dataset,
+            [
+                Candidate(c.backbone, _proxy_name(c.source, context.source_paths), c.source)
+                for c in candidates
+            ],
+            distance=rspec.distance if rspec.distance != "none" else DEFAULT_DISTANCE,
+            sample_size=min(DEFAULT_SAMPLE_SIZE, rspec.max_samples),
+            align_epochs=DEFAULT_ALIGN_EPOCHS,
+            seed=rspec.seed,
+            device=device,
+            callbacks=callbacks,
+            proxy_cache_dir=context.proxy_cache_dir,
+            token_budget=rspec.token_budget,
+            allow_random_init=rspec.allow_random_init,
+            progress_stage="prepare",
+        )
+
+    choice = choose_backbone_and_source(
+        backbone=job_spec.backbone,
+        source=job_spec.alignment.source,
+        allow_random_init=rspec.allow_random_init,
+        stored_analysis=context.stored_analysis,
+        run_analysis=run_analysis,
+        extra_backbones=context.extra_backbones,
+    )
+    if choice is None or (
+        choice.analysis is None
+        and (choice.backbone, choice.source) == (rspec.backbone, rspec.source)
+    ):
+        return rspec, None  # nothing was compared: the resolver's own reasons say it better
+    reasons = dict(rspec.reasons)
+    if job_spec.backbone == "auto":
+        reasons["backbone"] = choice.reason
+    if job_spec.alignment.source == "auto":
+        reasons["source"] = choice.reason
+    chosen = rspec.model_copy(
+        update={"backbone": choice.backbone, "source": choice.source, "reasons": reasons}
+    )
+    summary = None
+    if choice.analysis is not None:
+        summary = {
+            key: choice.analysis.get(key)
+            for key in ("distance", "sample_size", "align_epochs", "seed", "seconds")
+        }
+        summary["ranking"] = [
+            {k: c.get(k) for k in ("rank", "backbone", "source", "before", "after", "score")}
+            for c in choice.analysis.get("candidates") or []
+            if c.get("status") == "ok"
+        ]
+    callbacks.event(
+        f"chose backbone {choice.backbone!r} with source {choice.source!r}: {choice.reason}",
+        kind="choice",
+        data={
+            "param": "backbone_source",
+            "value": {"backbone": choice.backbone, "source": choice.source},
+            "reason": choice.reason,
+            "analysis": summary,
+        },
+    )
+    return chosen, choice.analysis
+
+
 def _prepare(
     job_spec: JobSpec,
     dataset_path: str | Path,
@@ -139,6 +246,7 @@ def _prepare(
     filename: str | None,
     label_column: str | None,
     resolved_overrides: Mapping[str, Any] | None,
+    choice_context: ChoiceContext | None = None,
 ) -> tuple[Dataset, ResolvedSpec, dict[str, Any]]:
     """Load the dataset, resolve the spec and fit the preprocessing once (then prepare.json)."""
     task_override = job_spec.task.type if job_spec.task.type != "auto" else None
@@ -156,12 +264,20 @@ def _prepare(
         fresh_spec = _apply_overrides(
             resolve_spec(job_spec, dataset.info, device=device.type), resolved_overrides
         )
+        # Decided once, here: the choice lands in prepare.json, so a resumed job never re-decides.
+        analysis = None
+        if not {"backbone", "source"} & set(resolved_overrides or {}):
+            fresh_spec, analysis = _choose_backbone_and_source(
+                job_spec, fresh_spec, dataset, choice_context or ChoiceContext(), device, callbacks
+            )
         check_backbone_location(fresh_spec.backbone, model_dirs)
         _announce_choices(fresh_spec, callbacks)
-        write_json(
-            prepared_path,
-            _prepared_record(fresh_spec, dataset, fit_preprocessing(dataset, fresh_spec.task_type)),
+        record = _prepared_record(
+            fresh_spec, dataset, fit_preprocessing(dataset, fresh_spec.task_type)
         )
+        if analysis is not None:
+            record["analysis"] = analysis
+        write_json(prepared_path, record)
     # Always continue from the stored JSON, so a fresh and a resumed run see identical values.
     prepared: dict[str, Any] = json.loads(prepared_path.read_text())
     rspec = ResolvedSpec.from_dict(prepared["resolved_spec"])
@@ -297,6 +413,8 @@ def run_job(
     label_column: str | None = None,
     source_paths: Mapping[str, str | Path] | None = None,
     resolved_overrides: Mapping[str, Any] | None = None,
+    stored_analysis: Mapping[str, Any] | None = None,
+    extra_backbones: Sequence[str] = (),
 ) -> JobResult:
     """Run (or resume) one fine-tuning job and export its bundle to ``bundle_dir``.
 
@@ -304,6 +422,8 @@ def run_job(
     (bad spec, invalid data, backbone unavailable, out of memory, cancelled); anything else is a
     bug and propagates as is. ``resolved_overrides`` replaces resolved values the task spec does
     not expose (e.g. ``{"token_budget": 32}`` for benchmarks and tests); each is logged as a choice.
+    ``stored_analysis`` (the dataset's latest transferability analysis) and ``extra_backbones``
+    feed the choice of ``backbone: auto`` / ``alignment.source: auto`` (:mod:`orca_engine.analyze`).
     """
     callbacks = callbacks or Callbacks()
     job_spec = parse_spec(spec)
@@ -327,6 +447,12 @@ def run_job(
         filename=filename,
         label_column=label_column,
         resolved_overrides=resolved_overrides,
+        choice_context=ChoiceContext(
+            stored_analysis=stored_analysis,
+            extra_backbones=tuple(extra_backbones),
+            source_paths=source_paths,
+            proxy_cache_dir=proxy_cache_dir,
+        ),
     )
     preprocessing = Preprocessing(
         normaliser=Normaliser.from_dict(prepared["normaliser"]),

@@ -23,6 +23,7 @@ from api.config import Settings, get_settings
 logger = logging.getLogger("orca.worker")
 
 TASK_RUN_JOB = "orca.run_job"
+TASK_ANALYZE_DATASET = "orca.analyze_dataset"
 QUEUES = ("gpu", "cpu")
 # Redis re-delivers an unacknowledged message after this long. Jobs can run for many hours and a
 # message is only acknowledged when the job ends (acks_late), so it must exceed any job's run time;
@@ -72,7 +73,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
         ],
         "task_default_queue": "cpu",
-        "task_routes": {TASK_RUN_JOB: {"queue": "cpu"}},
+        "task_routes": {TASK_RUN_JOB: {"queue": "cpu"}, TASK_ANALYZE_DATASET: {"queue": "cpu"}},
         "task_track_started": False,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,

@@ -1,4 +1,4 @@
-"""The one Celery task: ``orca.run_job(job_id)``.
+"""The Celery tasks: ``orca.run_job(job_id)`` and ``orca.analyze_dataset(analysis_id)``.
 
 Thin and idempotent: it claims the job row (so a duplicate delivery is harmless), runs
 ``orca_engine.pipeline.run_job`` with database-backed callbacks, and records the outcome. A
@@ -25,10 +25,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from api.config import Settings, get_settings
 from api.db import session_scope
-from api.models import Dataset, Job, JobEvent, Model, new_id
+from api.models import Dataset, DatasetAnalysis, Job, JobEvent, Model, new_id
 from api.storage import Storage, get_storage
-from orca_engine.errors import EngineError, JobCancelled
-from worker.celery_app import TASK_RUN_JOB, app
+from orca_engine.errors import EngineError, JobCancelled, SpecError
+from worker.celery_app import TASK_ANALYZE_DATASET, TASK_RUN_JOB, app
 from worker.heartbeat import (
     Heartbeat,
     as_utc,
@@ -101,6 +101,8 @@ class ClaimedJob:
     dataset_filename: str
     label_column: str | None
     source_paths: dict[str, Path] = field(default_factory=dict)
+    #: the dataset's latest succeeded transferability analysis, for backbone/source "auto"
+    stored_analysis: dict[str, Any] | None = None
 
 
 @app.task(name=TASK_RUN_JOB, bind=True, acks_late=True)
@@ -318,6 +320,19 @@ def claim_job(job_id: str, *, worker_id: str, settings: Settings) -> ClaimedJob 
                     data={"attempt": job.attempts},
                 )
             )
+        stored_analysis = None
+        if job.spec.get("backbone", "auto") == "auto" or source == "auto":
+            latest = session.scalar(
+                select(DatasetAnalysis)
+                .where(
+                    DatasetAnalysis.dataset_id == dataset.id,
+                    DatasetAnalysis.tenant_id == job.tenant_id,
+                    DatasetAnalysis.status == "succeeded",
+                )
+                .order_by(DatasetAnalysis.id.desc())
+                .limit(1)
+            )
+            stored_analysis = dict(latest.result) if latest is not None and latest.result else None
         return ClaimedJob(
             job_id=job.id,
             tenant_id=job.tenant_id,
@@ -330,6 +345,7 @@ def claim_job(job_id: str, *, worker_id: str, settings: Settings) -> ClaimedJob 
             dataset_filename=dataset.filename,
             label_column=dataset.label_column,
             source_paths=source_paths,
+            stored_analysis=stored_analysis,
         )
 
 
@@ -372,6 +388,12 @@ def _run_pipeline(
     }
     if claimed.source_paths:
         kwargs["source_paths"] = {key: str(path) for key, path in claimed.source_paths.items()}
+    if claimed.stored_analysis:
+        kwargs["stored_analysis"] = claimed.stored_analysis
+    if claimed.spec.get("backbone", "auto") == "auto":
+        from orca_engine.analyze import local_backbones
+
+        kwargs["extra_backbones"] = local_backbones(settings.model_dirs)
     return pipeline.run_job(claimed.spec, claimed.dataset_path, workdir, **kwargs)
 
 
@@ -539,3 +561,178 @@ def _free_device_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # freeing memory is best effort
         logger.debug("could not empty the CUDA cache", exc_info=True)
+
+
+# --- dataset transferability analysis -----------------------------------------------------------
+
+
+@dataclass
+class ClaimedAnalysis:
+    """What the analysis task needs, read while claiming the row."""
+
+    analysis_id: str
+    queue: str
+    params: dict[str, Any]
+    dataset_path: Path
+    dataset_filename: str
+    label_column: str | None
+    #: (``dataset:<path>``, dataset id) for each uploaded dataset named as an extra source
+    dataset_sources: list[tuple[str, str]] = field(default_factory=list)
+
+
+@app.task(name=TASK_ANALYZE_DATASET, bind=True, acks_late=True)
+def analyze_dataset_task(self: Task, analysis_id: str) -> str:
+    """Run one transferability analysis to ``succeeded`` or ``failed``."""
+    return execute_analysis(analysis_id)
+
+
+def execute_analysis(analysis_id: str, *, settings: Settings | None = None) -> str:
+    """Claim, run and record analysis ``analysis_id``; returns the status it was left in.
+
+    Idempotent: the analysis is a pure, seeded measurement, so a redelivered message (worker
+    lost mid-run) simply measures again; a finished analysis is never run twice.
+    """
+    settings = settings or get_settings()
+    claimed = retry_while_database_unreachable(
+        lambda: _claim_analysis(analysis_id), what=f"claiming analysis {analysis_id}"
+    )
+    if claimed is None:
+        return "skipped"
+    try:
+        result = _run_analysis(claimed, settings)
+    except EngineError as error:
+        _free_device_memory()
+        failure: dict[str, Any] = {"code": error.code, "message": error.message}
+        if error.param:
+            failure["param"] = error.param
+        return _finish_analysis(analysis_id, status="failed", error=failure)
+    except Exception as error:
+        _free_device_memory()
+        logger.exception("analysis %s failed with an internal error", analysis_id)
+        code = "out_of_memory" if _is_out_of_memory(error) else "internal_error"
+        message = (
+            "the device ran out of memory; try a smaller sample_size"
+            if code == "out_of_memory"
+            else f"internal error in the worker ({type(error).__name__}); "
+            "the operators have the details in the worker log"
+        )
+        return _finish_analysis(
+            analysis_id, status="failed", error={"code": code, "message": message}
+        )
+    return _finish_analysis(analysis_id, status="succeeded", result=json_safe(result))
+
+
+def _claim_analysis(analysis_id: str) -> ClaimedAnalysis | None:
+    with session_scope() as session:
+        analysis = session.execute(
+            select(DatasetAnalysis).where(DatasetAnalysis.id == analysis_id).with_for_update()
+        ).scalar()
+        if analysis is None:
+            logger.warning("analysis %s does not exist; dropping the message", analysis_id)
+            return None
+        if analysis.status in ("succeeded", "failed"):
+            return None
+        now = utc_now()
+
+        def fail(message: str) -> None:
+            analysis.status = "failed"
+            analysis.finished_at = now
+            analysis.error = {"code": "dataset_missing", "message": message}
+
+        storage = get_storage()
+        dataset = session.get(Dataset, analysis.dataset_id)
+        if dataset is None or dataset.deleted_at is not None:
+            fail(f"dataset {analysis.dataset_id} no longer exists")
+            return None
+        dataset_path = Path(storage.path_for(dataset.storage_key))
+        if not dataset_path.is_file():
+            fail(f"the stored file of dataset {dataset.id} is missing; upload it again")
+            return None
+        dataset_sources: list[tuple[str, str]] = []
+        for source in analysis.params.get("sources") or []:
+            if not str(source).startswith("ds_"):
+                continue
+            other = session.get(Dataset, source)
+            if other is None or other.tenant_id != analysis.tenant_id or other.deleted_at:
+                fail(f"source dataset {source} no longer exists")
+                return None
+            dataset_sources.append((f"dataset:{storage.path_for(other.storage_key)}", source))
+        analysis.status = "running"
+        analysis.attempts += 1
+        analysis.started_at = now
+        analysis.error = None
+        return ClaimedAnalysis(
+            analysis_id=analysis.id,
+            queue=analysis.queue,
+            params=dict(analysis.params),
+            dataset_path=dataset_path,
+            dataset_filename=dataset.filename,
+            label_column=dataset.label_column,
+            dataset_sources=dataset_sources,
+        )
+
+
+def _run_analysis(claimed: ClaimedAnalysis, settings: Settings) -> dict[str, Any]:
+    from orca_engine.analyze import (
+        analyze_transferability,
+        available_backbones,
+        default_candidates,
+    )
+    from orca_engine.data import load_dataset
+    from orca_engine.specs import check_backbone_location
+
+    params = claimed.params
+    allow_random_init = bool(params.get("allow_random_init", False))
+    backbones = list(params.get("backbones") or []) or available_backbones(
+        allow_random_init=allow_random_init, model_dirs=settings.model_dirs
+    )
+    for backbone in backbones:
+        check_backbone_location(backbone, settings.model_dirs)
+    extra_sources: list[str | tuple[str, str]] = [
+        source for source in params.get("sources") or [] if not str(source).startswith("ds_")
+    ]
+    extra_sources += claimed.dataset_sources
+    seed = int(params.get("seed", 0))
+    dataset = load_dataset(
+        claimed.dataset_path,
+        filename=claimed.dataset_filename,
+        label_column=claimed.label_column,
+        seed=seed,
+    )
+    logger.info("analysis %s: %d backbone(s)", claimed.analysis_id, len(backbones))
+    result = analyze_transferability(
+        dataset,
+        default_candidates(backbones, extra_sources=extra_sources),
+        distance=str(params.get("distance", "otdd")),
+        sample_size=int(params.get("sample_size", 256)),
+        align_epochs=int(params.get("align_epochs", 10)),
+        seed=seed,
+        device=_device_for(claimed.queue),
+        proxy_cache_dir=settings.resolved_proxy_cache_dir,
+        allow_random_init=allow_random_init,
+    )
+    if result.best is None:
+        reasons = "; ".join(f"{c.backbone} + {c.source}: {c.reason}" for c in result.candidates[:5])
+        raise SpecError(f"no backbone/source pair could be measured ({reasons})", param="backbones")
+    return result.to_dict()
+
+
+def _finish_analysis(
+    analysis_id: str,
+    *,
+    status: str,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> str:
+    def write() -> str:
+        with session_scope() as session:
+            analysis = session.get(DatasetAnalysis, analysis_id)
+            if analysis is None:
+                return "lost"
+            analysis.status = status
+            analysis.result = result
+            analysis.error = error
+            analysis.finished_at = utc_now()
+        return status
+
+    return retry_while_database_unreachable(write, what=f"recording analysis {analysis_id}")

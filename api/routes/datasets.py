@@ -1,14 +1,28 @@
-"""/v1/datasets: upload (streamed, validated), list, get, delete."""
+"""/v1/datasets: upload (streamed, validated), list, get, delete; transferability analysis."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from typing import Any
+
 import anyio.to_thread
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from api import metrics as prom
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StorageDep
 from api.routes.common import DEFAULT_LIMIT, After, Limit
-from api.schemas import COMMON_ERROR_RESPONSES, DatasetPublic, DatasetsPublic, error_responses
+from api.schemas import (
+    COMMON_ERROR_RESPONSES,
+    AnalysisCreate,
+    AnalysisPublic,
+    DatasetPublic,
+    DatasetsPublic,
+    error_responses,
+)
+from api.services import analyses
 from api.services import datasets as service
 from api.uploads import receive_dataset_upload
 
@@ -118,3 +132,90 @@ def delete_dataset(
         db_session=db_session, storage=storage, tenant_id=tenant.id, dataset_id=dataset_id
     )
     return Response(status_code=204)
+
+
+# -- transferability analysis -------------------------------------------------------------------
+
+
+async def _read_json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "the body is not valid JSON"}]
+        ) from None
+
+
+def _analysis_request(body: Any) -> Callable[[], AnalysisCreate]:
+    def parse() -> AnalysisCreate:
+        if not isinstance(body, dict):
+            raise RequestValidationError(
+                [{"type": "dict_type", "loc": ("body",), "msg": "the body must be a JSON object"}]
+            )
+        try:
+            return AnalysisCreate.model_validate(body)
+        except ValidationError as exc:
+            errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+            raise RequestValidationError(errors, body=body) from None
+
+    return parse
+
+
+@router.post(
+    "/{dataset_id}/analyze",
+    status_code=202,
+    response_model=AnalysisPublic,
+    summary="Analyse which backbone and source proxy suit a dataset",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": AnalysisCreate.model_json_schema()}},
+        }
+    },
+    responses=error_responses(
+        503, descriptions={503: "the queue is unreachable; nothing was started"}
+    ),
+)
+async def analyze_dataset(
+    dataset_id: str,
+    request: Request,
+    tenant: CurrentTenant,
+    db_session: SessionDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+) -> AnalysisPublic:
+    """Start a transferability analysis on a worker (seconds to a minute) and return it queued.
+
+    For each candidate backbone and source proxy, a sample of the dataset is embedded by a fresh
+    embedder, aligned for a few epochs, and the distance before/after is measured; the ranking
+    (lowest normalised aligned distance first) is what jobs with `backbone: auto` /
+    `alignment.source: auto` then choose from. Poll `GET /v1/datasets/{id}/analysis`.
+    """
+    parse = _analysis_request(await _read_json_body(request))
+    analysis = await anyio.to_thread.run_sync(
+        lambda: analyses.create_analysis(
+            db_session=db_session,
+            settings=settings,
+            queue=queue,
+            tenant_id=tenant.id,
+            dataset_id=dataset_id,
+            parse_request=parse,
+        )
+    )
+    return AnalysisPublic.from_row(analysis)
+
+
+@router.get(
+    "/{dataset_id}/analysis",
+    response_model=AnalysisPublic,
+    summary="The latest transferability analysis of a dataset",
+    responses=error_responses(404, descriptions={404: "unknown dataset, or it was never analysed"}),
+)
+def get_analysis(dataset_id: str, tenant: CurrentTenant, db_session: SessionDep) -> AnalysisPublic:
+    analysis = analyses.get_latest_analysis(
+        db_session=db_session, tenant_id=tenant.id, dataset_id=dataset_id
+    )
+    return AnalysisPublic.from_row(analysis)

@@ -34,6 +34,9 @@ PUBLIC_PATHS = {
     "/docs",
     "/docs/oauth2-redirect",
     "/redoc",
+    # The dashboard: static files that hold no data (tests/api/test_dashboard.py).
+    "/",
+    "/dashboard/{asset}",
 }
 # Collection routes and what tenant B may do there without touching tenant A's objects.
 LIST_ROUTES = {("GET", "/v1/datasets"), ("GET", "/v1/jobs"), ("GET", "/v1/models")}
