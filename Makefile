@@ -10,7 +10,7 @@ SERVE_ARGS ?=
 INSTALL_HASH := $(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(INSTALL_HASH)
 
-.PHONY: install serve test test-fast lint format constraints clean-venv
+.PHONY: install serve test test-fast lint format constraints clean-venv bench bench-quick
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ test: install
 # Everything but the slow end-to-end runs.
 test-fast: install
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Benchmarks regenerate docs/BENCHMARKS.md (not part of `make test`). The full run takes hours
+# on a CPU; bench-quick takes minutes. BENCH_ARGS adds e.g. `--only speed,align --device cuda`.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

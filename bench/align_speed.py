@@ -15,23 +15,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import multiprocessing as mp
-import os
-import platform
 import resource
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.sections import BENCHMARKS_MD, bench_command, machine_line, replace_section
 
 SOURCE_ROWS = 5000
 DIM = 384
 CLASSES = 10
 BASELINE_MAX_ROWS = 4000
 BASELINE_MAX_SECONDS = 60.0
-SECTION = "## Alignment step speed"
-DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+TITLE = "Alignment step speed"
+METHODS = ("otdd", "otdd_gaussian", "mmd")
 
 
 def _data(rows: int, seed: int, shift: float) -> tuple[Any, Any]:
@@ -140,12 +140,25 @@ def _run_child(method: str, rows: int, repeats: int, device: str, threads: int) 
     return dict(result)
 
 
-def run(sizes: list[int], repeats: int, device: str, threads: int) -> list[dict[str, Any]]:
+def run(
+    sizes: list[int],
+    repeats: int,
+    device: str,
+    threads: int,
+    methods: Sequence[str] = METHODS,
+) -> list[dict[str, Any]]:
+    """Per target size: ``methods`` (must include ``otdd``) and, where affordable, the baseline.
+
+    Each row maps a method name to ``{"seconds", "peak_mib", "setup", "value"}``; the baseline's
+    entry ``"reference"`` also has ``"rel_diff"`` (its value vs ours on the same features).
+    """
+    if "otdd" not in methods:
+        raise ValueError("the baseline is compared with 'otdd'; include it in methods")
     rows_out = []
     baseline_seconds = 0.0
     for rows in sizes:
         row: dict[str, Any] = {"rows": rows}
-        for method in ("otdd", "otdd_gaussian", "mmd"):
+        for method in methods:
             result = _run_child(method, rows, repeats, device, threads)
             row[method] = result
             print(
@@ -196,20 +209,8 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, doc: Path = DOC) -> None:
-    """Replace (or append) the section in docs/BENCHMARKS.md."""
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start >= 0:
-        following = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[following + 1 :] if following >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    doc.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="sizes up to 2000, fewer repeats")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -219,28 +220,25 @@ def main() -> None:
         default=1,
         help="torch intra-op threads (1: stable timings on a CPU shared with other jobs)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = [250, 500, 1000, 2000] if args.quick else [250, 500, 1000, 2000, 4000, 8000]
     repeats = 3 if args.quick else 5
     results = run(sizes, repeats, args.device, args.threads)
     body_table = table(results)
     print(body_table)
-    command = (
-        "python -m bench.align_speed"
-        + (" --quick" if args.quick else "")
-        + f" --device {args.device} --threads {args.threads}"
+    command = bench_command(
+        "bench.align_speed",
+        [
+            *(["--quick"] if args.quick else []),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ],
     )
-    machine = (
-        f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
-        if args.device == "cpu"
-        else args.device
-    )
-    body = f"""{SECTION}
-
-Command: `{command}` · machine: {machine} · date:
-{datetime.date.today().isoformat()} · torch intra-op threads: {args.threads} (POT's emd solves
-use a 2-thread pool). On a CPU shared with other jobs, 2-thread torch timings varied up to 10x
-between runs; one thread is slower but repeatable.
+    body = f"""torch intra-op threads: {args.threads} (POT's emd solves use a 2-thread pool). On a CPU
+shared with other jobs, 2-thread torch timings varied up to 10x between runs; one thread is slower
+but repeatable.
 
 One embedder-learning step (linear 384x384 embedder forward, distance, backward, Adam step) vs
 target rows, against {SOURCE_ROWS} source rows, d = {DIM}, {CLASSES} classes each side. Ours:
@@ -253,10 +251,13 @@ same (identity-embedder) features. Peak memory: the measuring process's peak RSS
 (VmHWM, includes ~0.3 GiB for torch itself and the source/target data) or the CUDA peak on GPU.
 
 {body_table}
+
+{machine_line(command, device=args.device)}
 """
     if not args.no_write:
-        write_section(body)
+        replace_section(BENCHMARKS_MD, TITLE, body)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,18 +12,16 @@ way the worker does, then:
 2. ``uploads`` concurrent uploads of random float32 ``.npz`` files of ``upload_mb`` each
    (generated on disk in the temp dir, deleted after): server RSS growth.
 
-Prints a table and replaces the "Prediction load" section of docs/BENCHMARKS.md (between
-``<!-- load:start -->`` and ``<!-- load:end -->``).
+Prints a table and replaces the "Prediction load" section of docs/BENCHMARKS.md
+(:func:`bench.sections.replace_section`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.sections import BENCHMARKS_MD, bench_command, machine_line, replace_section
+
 logger = logging.getLogger("bench.load_predict")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
-START_MARKER = "<!-- load:start -->"
-END_MARKER = "<!-- load:end -->"
+TITLE = "Prediction load"
 SAMPLE_SHAPE = (1, 32)
 
 
@@ -154,10 +153,18 @@ def install_model(env: dict[str, str], api: str, key: str, dataset: Path, bundle
 
 
 async def predict_load(
-    api: str, key: str, model_id: str, *, clients: int, seconds: float, server_pid: int
+    api: str,
+    key: str,
+    model_id: str,
+    *,
+    clients: int,
+    seconds: float,
+    server_pid: int,
+    sample_shape: tuple[int, ...] = SAMPLE_SHAPE,
 ) -> PredictResult:
+    """``clients`` concurrent clients, each sending one sample per request for ``seconds``."""
     rng = np.random.default_rng(1)
-    body = {"inputs": rng.normal(size=SAMPLE_SHAPE).astype(np.float32).tolist()}
+    body = {"inputs": rng.normal(size=sample_shape).astype(np.float32).tolist()}
     url = f"{api}/v1/models/{model_id}/predict"
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -276,16 +283,11 @@ async def upload_load(
 def markdown(
     args: argparse.Namespace, predict: PredictResult, uploads: UploadResult, command: str
 ) -> str:
-    cpu = platform.processor() or platform.machine()
     growth = uploads.rss_peak_mb - uploads.rss_before_mb
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(predict.error_kinds.items())) or "none"
     return "\n".join(
         [
-            START_MARKER,
-            "## Prediction load",
-            "",
-            f"`{command}` on {dt.date.today().isoformat()}, {os.cpu_count()}-core CPU ({cpu}), "
-            "shared with other work; API = one uvicorn process on 127.0.0.1 (SQLite embedded "
+            "CPU shared with other work; API = one uvicorn process on 127.0.0.1 (SQLite embedded "
             "mode, prediction on CPU), model = MiniLM-L6 backbone on (1, 32) inputs."
             + (
                 " **Quick run** (`--quick`: fewer clients, shorter, 20 MB files)."
@@ -316,23 +318,12 @@ def markdown(
             f"| of which heap (RssAnon) | {uploads.anon_peak_mb - uploads.anon_before_mb:.0f} MB; "
             "the rest is page cache of files the validator maps |",
             "",
-            END_MARKER,
+            machine_line(command, device="cpu"),
         ]
     )
 
 
-def replace_section(text: str, section: str) -> str:
-    """``text`` with the load section replaced (or appended when it has none)."""
-    if START_MARKER in text and END_MARKER in text:
-        head, _, rest = text.partition(START_MARKER)
-        _, _, tail = rest.partition(END_MARKER)
-        return head + section + tail
-    if not text:
-        text = "# Benchmarks\n"
-    return text.rstrip("\n") + "\n\n" + section + "\n"
-
-
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 clients, 10 s, 20 MB uploads")
     parser.add_argument("--clients", type=int, default=None)
@@ -340,7 +331,8 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=10)
     parser.add_argument("--upload-mb", type=float, default=None)
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
-    args = parser.parse_args()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     clients = args.clients or (16 if args.quick else 64)
     seconds = args.seconds or (10.0 if args.quick else 30.0)
     upload_mb = args.upload_mb or (20.0 if args.quick else 200.0)
@@ -433,12 +425,11 @@ def main() -> None:
         )
         shutil.rmtree(files_dir, ignore_errors=True)
 
-        command = "python -m bench.load_predict" + (" --quick" if args.quick else "")
+        command = bench_command("bench.load_predict", argv)
         section = markdown(args, predict, uploads, command)
         print(section)
         if not args.no_doc:
-            existing = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
-            BENCHMARKS_MD.write_text(replace_section(existing, section))
+            replace_section(BENCHMARKS_MD, TITLE, section)
             logger.info("updated %s", BENCHMARKS_MD)
     finally:
         if server is not None and server.poll() is None:
@@ -449,7 +440,8 @@ def main() -> None:
                 server.kill()
                 server.wait()
         shutil.rmtree(root, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
