@@ -1,0 +1,219 @@
+"""Classical peers and simple baselines a user would try instead of ORCA, run in-process.
+
+* ``minirocket``: aeon's MiniRocket features (multivariate capable; NaN padding read as zeros)
+  + a standardiser + ``RidgeClassifierCV`` — the usual strong time-series classifier;
+* ``1nn``: 1-nearest neighbour under Euclidean distance on the (zero-padded) series;
+* ``hgb``: scikit-learn ``HistGradientBoosting{Classifier,Regressor}`` for tables;
+* ``linear``: standardised logistic regression (classification) or ``RidgeCV`` (regression,
+  dense fields) on the flattened input — the simplest baseline;
+* ``cnn``: a small CNN trained from scratch in torch (2D for images, 1D circular for fields),
+  with the same epoch budget as the ORCA methods and checkpoint selection on a 20% validation
+  split of train (as the engine does).
+
+Every peer is seeded, trains on train only and reports the engine's metrics on test.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.datasets import Arrays, DatasetMeta
+
+#: which peers apply to which dataset kind
+PEERS_FOR_KIND: dict[str, tuple[str, ...]] = {
+    "series": ("minirocket", "1nn"),
+    "image": ("cnn", "linear"),
+    "tabular": ("hgb", "linear"),
+    "field": ("cnn", "linear"),
+}
+#: the strong peer a user would pick instead of ORCA for each kind of data
+STRONG_PEER = {"series": "minirocket", "tabular": "hgb", "image": "cnn", "field": "cnn"}
+PEER_METHODS = ("minirocket", "1nn", "hgb", "linear", "cnn")
+#: bump when a peer's recipe changes so its cached results rerun
+PEER_VERSION = 1
+CNN_LR = 1e-3
+CNN_BATCH = 32
+CNN_VAL_FRACTION = 0.2
+
+
+def applies(method: str, meta: DatasetMeta) -> bool:
+    """Whether ``method`` (a peer) is run on this dataset."""
+    return method in PEERS_FOR_KIND.get(meta.kind, ())
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(x.reshape(len(x), -1).astype(np.float64), nan=0.0)
+
+
+def _minirocket(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarray:
+    from aeon.transformations.collection.convolution_based import MiniRocket
+    from sklearn.linear_model import RidgeClassifierCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train, x_test, _ = arrays
+    model = make_pipeline(
+        MiniRocket(random_state=seed, n_jobs=1),
+        StandardScaler(),
+        RidgeClassifierCV(alphas=np.logspace(-3, 3, 10)),
+    )
+    model.fit(np.nan_to_num(x_train.astype(np.float64)), y_train)
+    return np.asarray(model.predict(np.nan_to_num(x_test.astype(np.float64))))
+
+
+def _one_nn(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarray:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    x_train, y_train, x_test, _ = arrays
+    model = KNeighborsClassifier(n_neighbors=1).fit(_flat(x_train), y_train)
+    return np.asarray(model.predict(_flat(x_test)))
+
+
+def _hgb(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarray:
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    x_train, y_train, x_test, _ = arrays
+    model: Any
+    if meta.task_type == "classification":
+        model = HistGradientBoostingClassifier(random_state=seed)
+    else:
+        model = HistGradientBoostingRegressor(random_state=seed)
+    return np.asarray(model.fit(_flat(x_train), y_train).predict(_flat(x_test)))
+
+
+def _linear(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train, x_test, y_test = arrays
+    target = y_train.reshape(len(y_train), -1) if meta.task_type == "dense_regression" else y_train
+    estimator: Any
+    if meta.task_type == "classification":
+        estimator = LogisticRegression(max_iter=5000, random_state=seed)
+    else:
+        estimator = RidgeCV(alphas=np.logspace(-3, 3, 13))
+    model = make_pipeline(StandardScaler(), estimator).fit(_flat(x_train), target)
+    predicted = np.asarray(model.predict(_flat(x_test)))
+    return predicted.reshape((len(x_test), *y_test.shape[1:]))
+
+
+# --- small CNN -----------------------------------------------------------------------------------
+
+
+def _cnn_model(meta: DatasetMeta, in_channels: int, n_classes: int) -> nn.Module:
+    if meta.kind == "image":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, n_classes),
+        )
+    width = 64
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for _ in range(4):
+        layers += [nn.Conv1d(channels, width, 5, padding=2, padding_mode="circular"), nn.GELU()]
+        channels = width
+    layers.append(nn.Conv1d(width, in_channels, 1))
+    return Residual(nn.Sequential(*layers))
+
+
+class Residual(nn.Module):
+    """Predicts the change from the input field to the output field (same shape)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _cnn(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarray:
+    x_train, y_train, x_test, _ = arrays
+    classify = meta.task_type == "classification"
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x_train))
+    n_val = max(1, round(len(x_train) * CNN_VAL_FRACTION))
+    val_rows, fit_rows = order[:n_val], order[n_val:]
+    mean, std = float(x_train[fit_rows].mean()), float(x_train[fit_rows].std()) or 1.0
+    scale = 1.0 if classify else std  # fields: predict in the input's standardised units
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor((np.nan_to_num(x) - mean) / std, dtype=torch.float32)
+
+    def target(y: np.ndarray) -> torch.Tensor:
+        if classify:
+            return torch.as_tensor(y, dtype=torch.long)
+        return torch.as_tensor((y - mean) / scale, dtype=torch.float32)
+
+    torch.manual_seed(seed)
+    n_classes = int(y_train.max()) + 1 if classify else 0
+    model = _cnn_model(meta, x_train.shape[1], n_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=CNN_LR)
+    loss_fn: Callable[..., Any] = (
+        torch.nn.functional.cross_entropy if classify else torch.nn.functional.mse_loss
+    )
+    x_fit, y_fit = tensor(x_train[fit_rows]), target(y_train[fit_rows])
+    x_val, y_val = tensor(x_train[val_rows]), target(y_train[val_rows])
+    generator = torch.Generator().manual_seed(seed)
+    best_state, best_score = None, -math.inf
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(x_fit), generator=generator).split(CNN_BATCH):
+            optimizer.zero_grad()
+            loss_fn(model(x_fit[batch]), y_fit[batch]).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            out = model(x_val)
+            score = (
+                float((out.argmax(1) == y_val).float().mean())
+                if classify
+                else -float(loss_fn(out, y_val))
+            )
+        if score > best_score:
+            best_score = score
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    with torch.no_grad():
+        out = model(tensor(x_test))
+    if classify:
+        return np.asarray(out.argmax(1).numpy())
+    return np.asarray(out.numpy() * scale + mean)
+
+
+PEERS: dict[str, Callable[[Arrays, DatasetMeta, int, int], np.ndarray]] = {
+    "minirocket": _minirocket,
+    "1nn": _one_nn,
+    "hgb": _hgb,
+    "linear": _linear,
+    "cnn": _cnn,
+}
+
+
+def run_peer(method: str, arrays: Arrays, meta: DatasetMeta, *, seed: int, epochs: int) -> dict:
+    """Train one peer and score it on test: ``{"test": {...}, "wall_s": ...}``."""
+    from orca_engine.metrics import compute_metrics
+
+    started = time.monotonic()
+    predicted = PEERS[method](arrays, meta, seed, epochs)
+    wall = time.monotonic() - started
+    test = compute_metrics(meta.task_type, arrays[3], predicted)
+    return {"test": test, "wall_s": wall}
