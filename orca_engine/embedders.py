@@ -50,6 +50,23 @@ def _initial_positions(
     return positions.detach().float().clone()
 
 
+def _start_like_backbone_norm(norm: nn.LayerNorm, backbone: Backbone | None) -> None:
+    """Initialise ``norm``'s scale and shift from the backbone's own input LayerNorm.
+
+    A unit LayerNorm puts tokens at about twice the magnitude MiniLM's encoder was trained on;
+    starting from the backbone's values puts them at the right scale before any alignment, which
+    a few alignment steps at a small learning rate cannot do on their own.
+    """
+    source = backbone.input_norm() if backbone is not None else None
+    if source is None or tuple(source.normalized_shape) != tuple(norm.normalized_shape):
+        return
+    with torch.no_grad():
+        if source.weight is not None and norm.weight is not None:
+            norm.weight.copy_(source.weight.detach().float())
+        if source.bias is not None and norm.bias is not None:
+            norm.bias.copy_(source.bias.detach().float())
+
+
 class Embedder(nn.Module):
     """Base: LayerNorm + learned positions over whatever tokens :meth:`tokenize` makes."""
 
@@ -74,6 +91,7 @@ class Embedder(nn.Module):
         self.patch_size = patch_size
         self.grid = grid
         self.norm = nn.LayerNorm(embed_dim)
+        _start_like_backbone_norm(self.norm, backbone)
         self.positions = nn.Parameter(_initial_positions(backbone, n_tokens, grid, embed_dim))
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ epoch. The test split is never looked at here.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orca_engine.augment import augment_batch
 from orca_engine.checkpoint import load_stage, save_stage
 from orca_engine.data import Dataset, Normaliser, TargetScaler
 from orca_engine.device import (
@@ -47,6 +49,10 @@ GRAD_CLIP_NORM = 1.0
 SGD_MOMENTUM = 0.9
 #: how many progress reports one refinement run sends at most
 PROGRESS_REPORTS = 100
+#: early stopping never ends a run before this share of its epochs: on a few dozen samples the
+#: validation metric sits flat for many epochs while the model is still learning (ArrowHead,
+#: 36 series: stopped at epoch 14 of 100 with the training loss still at chance)
+MIN_EPOCHS_FRACTION = 0.5
 
 REGRESSION_TASKS = ("regression", "dense_regression")
 
@@ -148,11 +154,25 @@ def targets_tensor(
     return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
 
 
-def task_loss(task_type: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy, BCE-with-logits or MSE (on standardised targets), in float32."""
+def task_loss(
+    task_type: str,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy, BCE-with-logits or MSE (on standardised targets), in float32.
+
+    ``label_smoothing`` applies to single-label classification only (training loss; validation
+    losses are computed without it so they stay comparable across recipes).
+    """
     outputs = outputs.float()
     if task_type == "classification":
-        return F.cross_entropy(outputs.reshape(len(outputs), -1), targets.reshape(-1))
+        return F.cross_entropy(
+            outputs.reshape(len(outputs), -1),
+            targets.reshape(-1),
+            label_smoothing=label_smoothing,
+        )
     if task_type == "dense_classification":
         if targets.ndim == outputs.ndim:  # (B, 1, *S) ids
             targets = targets[:, 0]
@@ -196,6 +216,45 @@ def evaluate_split(
     )
     metric_outputs = outputs_for_metrics(task_type, outputs, y, preprocessing.target_scaler)
     return compute_metrics(task_type, y, metric_outputs), float(loss)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, evaluated and kept instead of them.
+
+    On small datasets the weights after any one step are noisy, and so is validation on a split
+    of a dozen samples; the average over the last ~``1 / (1 - decay)`` steps is a smoother model
+    and a steadier selection signal. The effective decay ramps up as ``(1 + t) / (10 + t)`` so the
+    randomly initialised head is not averaged with its first steps for long.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.updates = 0
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+        self._pairs = self._tensor_pairs(model)
+
+    def _tensor_pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ours = self.model.state_dict()
+        return [(ours[name], tensor) for name, tensor in model.state_dict().items()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the live weights after one optimizer step."""
+        self.updates += 1
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for average, current in self._pairs:
+            if average.dtype.is_floating_point:
+                average.lerp_(current.detach(), 1.0 - decay)
+            else:
+                average.copy_(current)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -266,11 +325,19 @@ def refine(
     total_steps = epochs * steps_per_epoch
     warmup_steps = round(float(rspec.warmup_fraction) * total_steps)
     patience = int(rspec.early_stopping_patience)
+    min_epochs = math.ceil(MIN_EPOCHS_FRACTION * epochs)
     progress_every = max(1, total_steps // PROGRESS_REPORTS)
 
     model.to(device)
     set_trainable(model, rspec.finetune_mode)
     optimizer = build_optimizer(model, rspec)
+    label_smoothing = float(getattr(rspec, "label_smoothing", 0.0))
+    augment = bool(getattr(rspec, "augment", False))
+    ema_decay = float(getattr(rspec, "ema_decay", 0.0))
+    average = WeightAverage(model, ema_decay) if ema_decay > 0 else None
+    # What validation sees and what is kept: the weight average when there is one.
+    evaluated = average.model if average is not None else model
+    input_kind = model.embedder.input_kind
     generator = torch.Generator().manual_seed(int(rspec.seed))
     y_train = targets_tensor(task_type, dataset.y_train, preprocessing.target_scaler)
 
@@ -295,6 +362,8 @@ def refine(
         best_loss = saved.get("best_loss")
         epochs_since_best, stopped_early = saved["epochs_since_best"], saved["stopped_early"]
         start_epoch = saved["epoch"]
+        if average is not None:
+            average.load(saved["average"])
         callbacks.event(f"refine resumes after epoch {start_epoch}/{epochs}", kind="stage")
     else:
         # Refinement's randomness (order, dropout) must not depend on what ran before it, or a
@@ -325,17 +394,21 @@ def refine(
             lr = min(group["lr"] for group in optimizer.param_groups)
             inputs = torch.from_numpy(normalise(np.asarray(dataset.x_train[batch_indices])))
             targets = y_train[torch.from_numpy(batch_indices)]
+            if augment:
+                inputs = augment_batch(inputs, input_kind=input_kind, task_type=task_type)
             with out_of_memory_as_error(hint):
                 inputs, targets = inputs.to(device), targets.to(device)
                 with autocast(device):
                     outputs = model(inputs)
-                loss = task_loss(task_type, outputs, targets)
+                loss = task_loss(task_type, outputs, targets, label_smoothing=label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], GRAD_CLIP_NORM
                 )
                 optimizer.step()
+                if average is not None:
+                    average.update()
             batch_loss = float(loss.detach())
             loss_sum += batch_loss * len(batch_indices)
             seen += len(batch_indices)
@@ -350,7 +423,7 @@ def refine(
 
         with out_of_memory_as_error(hint):
             val_metrics, val_loss = evaluate_split(
-                model,
+                evaluated,
                 dataset.x_val,
                 dataset.y_val,
                 task_type=task_type,
@@ -371,11 +444,13 @@ def refine(
         if _is_better(score, val_loss, best_score, best_loss, higher=higher):
             best_epoch, best_score, best_val = epoch + 1, score, val_metrics
             best_loss = val_loss
-            best_state = _cpu_copy(model.state_dict())
+            best_state = _cpu_copy(evaluated.state_dict())
             epochs_since_best = 0
         else:
             epochs_since_best += 1
-        stopped_early = patience > 0 and epochs_since_best >= patience and epoch + 1 < epochs
+        stopped_early = (
+            patience > 0 and epochs_since_best >= patience and min_epochs <= epoch + 1 < epochs
+        )
         callbacks.event(
             f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, "
             f"val loss {val_loss:.4f}, val {metric} {score:.4f}"
@@ -411,6 +486,7 @@ def refine(
                     "best_state": best_state,
                     "epochs_since_best": epochs_since_best,
                     "stopped_early": stopped_early,
+                    "average": average.state() if average is not None else None,
                 },
             )
         if stopped_early:

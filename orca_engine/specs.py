@@ -58,6 +58,19 @@ SGD_LR_FACTOR = 10.0
 EMBEDDER_LR = 1e-3
 WEIGHT_DECAY = {"adamw": 0.01, "sgd": 0.0}
 WARMUP_FRACTION = 0.05
+#: classification targets are softened by this much (auto); over-confident fits on a few dozen
+#: samples are what it counters
+LABEL_SMOOTHING = 0.1
+#: the weight average spans about this share of all optimizer steps (auto), within the bounds
+EMA_HORIZON_FRACTION = 0.1
+EMA_HORIZON_STEPS = (10, 500)
+#: input kinds whose training batches get label-preserving perturbations (orca_engine.augment)
+AUGMENTABLE_KINDS = ("seq1d", "image2d")
+#: Off by default, like augmentation: measured on three UCR sets (docs/QUALITY.md), label
+#: smoothing 0.1 plus weight averaging was no better than without, and varied more across seeds.
+#: They stay available as resolved values for benchmarks (``resolved_overrides``).
+AUGMENT_BY_DEFAULT = False
+SMOOTH_AND_AVERAGE_BY_DEFAULT = False
 # Share of train held out for validation when the upload has none (load_dataset's default).
 VAL_FRACTION = 0.2
 
@@ -196,6 +209,10 @@ class ResolvedSpec(BaseModel):
     weight_decay: Annotated[float, Field(ge=0)]
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)]
     early_stopping_patience: Annotated[int, Field(ge=0)]
+    # Recipe fields added after the first release; their defaults reproduce older jobs.
+    augment: bool = False
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     token_budget: Annotated[int, Field(ge=1)]
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     allow_random_init: bool = False
@@ -250,6 +267,22 @@ def parse_spec(data: dict[str, Any] | JobSpec) -> JobSpec:
 def backbone_family(name: str) -> str:
     """``"vision"`` for ``timm:`` ids and the tiny ViT/Swin, ``"text"`` for everything else."""
     return "vision" if name.startswith("timm:") or name in VISION_BACKBONES else "text"
+
+
+def augmentation_applies(input_kind: str, task_type: str) -> bool:
+    """Whether training batches of this input kind and task get perturbed (see ``augment``).
+
+    Sequences and images have label-preserving moves (scale, jitter, shift); table rows do not,
+    and moving a dense task's input would need the same move on its label map.
+    """
+    return input_kind in AUGMENTABLE_KINDS and not task_type.startswith("dense_")
+
+
+def ema_decay_for(total_steps: int) -> float:
+    """Weight-average decay whose horizon ``1 / (1 - decay)`` is ~10% of the run's steps."""
+    low, high = EMA_HORIZON_STEPS
+    horizon = min(max(round(total_steps * EMA_HORIZON_FRACTION), low), high)
+    return 1.0 - 1.0 / horizon
 
 
 def _device_kind(device: str) -> str:
@@ -384,6 +417,36 @@ def resolve_spec(
     )
     reasons["embedder_lr"] = "fixed learning rate for training the embedder during alignment"
     reasons["weight_decay"] = f"standard for {optimizer}"
+    # Off by default: measured on three UCR sets (docs/QUALITY.md), scale+jitter+shift cost
+    # ItalyPowerDemand ~30 points (its classes differ in *when* demand peaks) and helped none.
+    augment = AUGMENT_BY_DEFAULT and augmentation_applies(info.input_kind, task_type)
+    reasons["augment"] = (
+        "training batches are scaled, jittered and shifted (sequences) or translated (images)"
+        if augment
+        else "off: time shifts can change the label of series whose class is a timing "
+        "(measured in docs/QUALITY.md)"
+        if augmentation_applies(info.input_kind, task_type)
+        else f"no label-preserving perturbation for {info.input_kind} inputs on {task_type}"
+    )
+    smooth_and_average = SMOOTH_AND_AVERAGE_BY_DEFAULT
+    label_smoothing = (
+        LABEL_SMOOTHING if smooth_and_average and task_type == "classification" else 0.0
+    )
+    reasons["label_smoothing"] = (
+        f"{LABEL_SMOOTHING} against over-confident fits on small training sets"
+        if label_smoothing
+        else "off: measured no better on small series sets (docs/QUALITY.md)"
+        if task_type == "classification"
+        else f"only single-label classification is smoothed, not {task_type}"
+    )
+    total_steps = int(finetune_epochs) * math.ceil(n_train / int(batch_size))
+    ema_decay = ema_decay_for(total_steps) if smooth_and_average else 0.0
+    reasons["ema_decay"] = (
+        f"validation and the kept model use a weight average over ~{round(1 / (1 - ema_decay))} "
+        f"of {total_steps} steps"
+        if ema_decay
+        else "off: the live weights are evaluated and kept (averaging measured no better)"
+    )
 
     return ResolvedSpec.model_validate(
         dict(
@@ -404,6 +467,9 @@ def resolve_spec(
             weight_decay=WEIGHT_DECAY[optimizer],
             warmup_fraction=WARMUP_FRACTION,
             early_stopping_patience=spec.finetune.early_stopping_patience,
+            augment=augment,
+            label_smoothing=label_smoothing,
+            ema_decay=ema_decay,
             token_budget=token_budget,
             seed=spec.seed,
             allow_random_init=spec.allow_random_init,

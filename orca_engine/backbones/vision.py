@@ -196,6 +196,11 @@ class TimmSwinBackbone(TimmVisionBackbone):
         """None: Swin's attention carries relative positions itself."""
         return None
 
+    def input_norm(self) -> nn.LayerNorm | None:
+        """Swin's patch embedding ends in a LayerNorm (``patch_embed.norm``)."""
+        norm = getattr(getattr(self.model, "patch_embed", None), "norm", None)
+        return norm if isinstance(norm, nn.LayerNorm) else None
+
     def embed_source(self, inputs: Any) -> torch.Tensor:
         """The (normalised) patch embedding of ``(B, C, H, W)`` images, flattened to tokens."""
         x = self.model.patch_embed(inputs)

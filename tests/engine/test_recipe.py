@@ -1,0 +1,132 @@
+"""The default recipe's moving parts: augmentation, weight averaging, embedder start, resolution.
+
+These pin behaviour (what ``auto`` resolves to, what each piece does to a batch or a model), not
+scores; docs/QUALITY.md has the measured effects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from orca_engine.augment import augment_batch
+from orca_engine.backbones import create_backbone
+from orca_engine.embedders import create_embedder
+from orca_engine.refine import WeightAverage
+from orca_engine.specs import (
+    EMA_HORIZON_STEPS,
+    JobSpec,
+    augmentation_applies,
+    ema_decay_for,
+    resolve_spec,
+)
+from tests.engine.test_specs import REGRESSION, _info
+
+
+def test_sequence_augmentation_keeps_shape_and_is_seeded() -> None:
+    # smooth series, as real ones are: a shift of a few steps keeps them correlated
+    x = torch.sin(torch.linspace(0, 6.28, 100)).expand(16, 2, 100) * torch.rand(16, 2, 1)
+    torch.manual_seed(3)
+    first = augment_batch(x, input_kind="seq1d", task_type="classification")
+    torch.manual_seed(3)
+    again = augment_batch(x, input_kind="seq1d", task_type="classification")
+    assert first.shape == x.shape and first.dtype == x.dtype
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, x)
+    # a perturbation, not a new signal: still strongly correlated with the original
+    correlation = torch.corrcoef(torch.stack([first.flatten(), x.flatten()]))[0, 1]
+    assert correlation > 0.5
+
+
+def test_sequence_shift_repeats_the_edge_instead_of_wrapping() -> None:
+    ramp = torch.arange(50, dtype=torch.float32).reshape(1, 1, 50).repeat(64, 1, 1)
+    torch.manual_seed(0)
+    shifted = augment_batch(ramp, input_kind="seq1d", task_type="classification")
+    # scale and jitter keep a ramp increasing; wrapping would put 49 next to 0
+    steps = shifted[:, 0, 1:] - shifted[:, 0, :-1]
+    assert (steps > -3).all()
+
+
+def test_image_translation_moves_content_within_an_eighth() -> None:
+    image = torch.zeros(32, 1, 16, 16)
+    image[:, :, 8, 8] = 1.0
+    torch.manual_seed(1)
+    moved = augment_batch(image, input_kind="image2d", task_type="classification")
+    assert moved.shape == image.shape
+    rows, cols = (moved[:, 0] == 1.0).nonzero()[:, 1:].T
+    assert len(rows) == 32  # the pixel is never pushed out by a 2-pixel move
+    assert (rows - 8).abs().max() <= 2 and (cols - 8).abs().max() <= 2
+    assert ((rows != 8) | (cols != 8)).any()
+
+
+@pytest.mark.parametrize(
+    ("input_kind", "task_type", "shape"),
+    [
+        ("tabular", "classification", (8, 5)),
+        ("seq1d", "dense_regression", (8, 1, 20)),
+        ("image2d", "dense_classification", (8, 1, 6, 6)),
+    ],
+)
+def test_no_augmentation_where_no_move_preserves_the_label(
+    input_kind: str, task_type: str, shape: tuple[int, ...]
+) -> None:
+    x = torch.randn(*shape)
+    assert not augmentation_applies(input_kind, task_type)
+    assert augment_batch(x, input_kind=input_kind, task_type=task_type) is x
+
+
+def test_weight_average_trails_the_live_weights() -> None:
+    model = nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(5):
+        average.update()
+    kept = average.model.weight
+    # strictly between where it started and where the live weights are now
+    assert (kept > start).all() and (kept < model.weight).all()
+    assert not kept.requires_grad
+    restored = WeightAverage(model, decay=0.9)
+    restored.load(average.state())
+    assert torch.equal(restored.model.weight, kept) and restored.updates == 5
+
+
+def test_ema_horizon_is_a_tenth_of_the_steps_within_bounds() -> None:
+    low, high = EMA_HORIZON_STEPS
+    assert ema_decay_for(1000) == pytest.approx(1 - 1 / 100)
+    assert ema_decay_for(20) == pytest.approx(1 - 1 / low)
+    assert ema_decay_for(10**6) == pytest.approx(1 - 1 / high)
+
+
+def test_embedder_starts_at_the_backbone_input_scale() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    source_norm = backbone.input_norm()
+    assert source_norm is not None
+    with torch.no_grad():
+        source_norm.weight.fill_(0.5)
+        source_norm.bias.fill_(0.25)
+    embedder = create_embedder("seq1d", (1, 40), backbone, token_budget=8)
+    assert torch.equal(embedder.norm.weight, source_norm.weight)
+    assert torch.equal(embedder.norm.bias, source_norm.bias)
+    # a copy, not a shared parameter: training the embedder leaves the backbone alone
+    assert embedder.norm.weight.data_ptr() != source_norm.weight.data_ptr()
+
+
+def test_auto_recipe_resolves_to_the_documented_values() -> None:
+    series = resolve_spec(JobSpec(dataset_id="d"), _info())
+    # Measured and not adopted (docs/QUALITY.md): augmentation, smoothing, weight averaging.
+    assert (series.augment, series.label_smoothing, series.ema_decay) == (False, 0.0, 0.0)
+    assert "measured" in series.reasons["augment"]
+    assert {"augment", "label_smoothing", "ema_decay"} <= set(series.reasons)
+    # 40 training rows (10 held out), batch 8: 5 steps per epoch, ~500 steps on CPU
+    assert series.batch_size == 8
+    assert series.finetune_epochs * math.ceil(40 / series.batch_size) == 500
+
+    table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
+    assert table.augment is False
+    regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
+    assert regression.label_smoothing == 0.0
