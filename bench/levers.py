@@ -1,0 +1,165 @@
+"""Recipe levers for the default job (issue 8): each variant of the recipe on the same splits.
+
+A variant is a task-spec fragment plus resolved-value overrides (fields the spec does not expose,
+such as ``augment`` or ``ema_decay``). Every run is one ``orca_engine.pipeline.run_job`` on the
+dataset's official train/test split, test metric measured once at the end; results are appended
+to ``bench/.cache/levers.jsonl`` (one line per dataset, variant, seed) and ``--summary`` prints
+the mean ± std table that docs/QUALITY.md shows.
+
+Run: ``python -m bench.levers --variants base,no-align --datasets GunPoint --seeds 0,1,2``
+(``--threads 1`` each; start several in parallel on disjoint datasets), then
+``python -m bench.levers --summary``. Which engine revision a line came from is recorded with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.datasets import dataset_path
+
+logger = logging.getLogger("bench.levers")
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+RESULTS = CACHE / "levers.jsonl"
+LEVERS_OFF = {"augment": False, "label_smoothing": 0.0, "ema_decay": 0.0}
+
+#: name -> (task-spec fragment, resolved overrides); "auto" is whatever the engine resolves now
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "auto": ({}, {}),
+    "base": ({}, LEVERS_OFF),
+    "no-align": ({"alignment": {"distance": "none"}}, LEVERS_OFF),
+    # the values `auto` resolved to when these levers were on (weight-average horizon ~50 steps)
+    "aug+ls+ema": ({}, {"augment": True, "label_smoothing": 0.1, "ema_decay": 0.98}),
+    "ls+ema": ({}, {"augment": False, "label_smoothing": 0.1, "ema_decay": 0.98}),
+}
+
+
+def _revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "orca_engine"], capture_output=True)
+        return head + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(variants: list[str], datasets: list[str], seeds: list[int], threads: int) -> None:
+    import torch
+
+    from orca_engine.pipeline import run_job
+
+    torch.set_num_threads(threads)
+    revision = _revision()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        spec_fragment, overrides = VARIANTS[variant]
+        for name in datasets:
+            path = dataset_path(name, CACHE)
+            for seed in seeds:
+                spec = {"dataset_id": name, "seed": seed, **spec_fragment}
+                with tempfile.TemporaryDirectory() as tmp:
+                    started = time.monotonic()
+                    result = run_job(
+                        spec,
+                        path,
+                        Path(tmp) / "work",
+                        bundle_dir=Path(tmp) / "bundle",
+                        device="cpu",
+                        proxy_cache_dir=CACHE / "proxies",
+                        resolved_overrides=overrides or None,
+                    )
+                    seconds = time.monotonic() - started
+                record = {
+                    "variant": variant,
+                    "dataset": name,
+                    "seed": seed,
+                    "test": result.metrics.get("test"),
+                    "alignment": result.metrics.get("alignment"),
+                    "seconds": round(seconds, 1),
+                    "finetune_epochs": result.resolved_spec.get("finetune_epochs"),
+                    "epochs_run": len(result.curves.get("refine", [])),
+                    "threads": threads,
+                    "revision": revision,
+                }
+                with RESULTS.open("a") as out:
+                    out.write(json.dumps(record) + "\n")
+                logger.info("%s", json.dumps(record))
+
+
+def _main_metric(test: dict[str, float]) -> float:
+    for name in ("accuracy", "relative_l2", "rmse"):
+        if name in test:
+            return float(test[name])
+    return float("nan")
+
+
+def summary(path: Path = RESULTS) -> str:
+    """Markdown table: mean ± population std of the test metric and mean wall time."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    scores: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    seconds: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for row in rows:
+        key = (row["variant"], row["dataset"])
+        scores[key].append(_main_metric(row["test"] or {}))
+        seconds[key].append(float(row["seconds"]))
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    datasets = sorted({row["dataset"] for row in rows})
+    lines = [
+        "| variant | " + " | ".join(datasets) + " |",
+        "|---" * (len(datasets) + 1) + "|",
+    ]
+    for variant in variants:
+        cells = []
+        for name in datasets:
+            values = scores.get((variant, name))
+            if not values:
+                cells.append("—")
+                continue
+            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+            wall = statistics.mean(seconds[(variant, name)])
+            cells.append(
+                f"{statistics.mean(values):.3f} ± {spread:.3f} (n={len(values)}, {wall:.0f} s)"
+            )
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="auto")
+    parser.add_argument("--datasets", default="GunPoint,ArrowHead,ItalyPowerDemand")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summary", action="store_true", help="print the table and exit")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSONL to summarise")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.summary:
+        print(summary(args.results))
+        return 0
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    run(
+        args.variants.split(","),
+        args.datasets.split(","),
+        [int(s) for s in args.seeds.split(",")],
+        args.threads,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
