@@ -2,7 +2,10 @@
 
 Requests for the same model that arrive within ``predict_batch_window_ms`` of each other are
 stacked into one forward pass (up to ``predict_max_batch`` samples) that runs on a dedicated
-thread, and the outputs are split back per request. ``orca_engine.predict`` (and with it torch)
+thread, and the outputs are split back per request. While a model's pass runs, its new requests
+wait and go together in the next pass the moment it ends: under load batches grow to what
+arrived during one pass, instead of a stream of window-sized batches queueing behind each other
+(at 32 concurrent clients the timer-only version averaged 1.4 samples per pass). ``orca_engine.predict`` (and with it torch)
 is imported only here, on the first prediction, so the rest of the API never loads torch.
 """
 
@@ -72,6 +75,8 @@ class MicroBatcher:
     _pending_rows: int = 0
     _timer: asyncio.TimerHandle | None = None
     _running: set[asyncio.Task[None]] = field(default_factory=set)
+    #: a forward pass of this model is in flight; the next batch goes when it ends
+    _busy: bool = False
 
     async def submit(self, batch: np.ndarray) -> dict[str, Any]:
         """Predictions for a validated batch, computed together with concurrent requests."""
@@ -79,7 +84,9 @@ class MicroBatcher:
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending.append(_Pending(batch, future))
         self._pending_rows += len(batch)
-        if self._pending_rows >= self.max_batch or self.window_seconds <= 0:
+        if self._busy:
+            pass  # the running pass dispatches everything waiting when it ends
+        elif self._pending_rows >= self.max_batch or self.window_seconds <= 0:
             self._flush(loop)
         elif self._timer is None:
             self._timer = loop.call_later(self.window_seconds, self._flush, loop)
@@ -89,14 +96,35 @@ class MicroBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        items, self._pending, self._pending_rows = self._pending, [], 0
-        if items:
-            task = loop.create_task(self._run(items))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+        if self._busy or not self._pending:
+            return
+        # Up to max_batch rows (always at least one request); the rest waits for the next pass.
+        taken, rows = 0, 0
+        while taken < len(self._pending) and (
+            taken == 0 or rows + len(self._pending[taken].batch) <= self.max_batch
+        ):
+            rows += len(self._pending[taken].batch)
+            taken += 1
+        items, self._pending = self._pending[:taken], self._pending[taken:]
+        self._pending_rows -= rows
+        self._busy = True
+        task = loop.create_task(self._run(items))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _pass_done(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._busy = False
+        # Requests that arrived during the pass have waited one pass already: send them now.
+        self._flush(loop)
 
     async def _run(self, items: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
+        try:
+            await self._forward(loop, items)
+        finally:
+            self._pass_done(loop)
+
+    async def _forward(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
         stacked = items[0].batch if len(items) == 1 else np.concatenate([i.batch for i in items])
         prom.PREDICT_BATCH_SIZE.observe(len(stacked))
         try:

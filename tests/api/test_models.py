@@ -290,3 +290,31 @@ def test_delete_model_removes_files(
             method, f"/v1/models/{model_id}{path}", headers=auth, json={"inputs": [0]}
         )
         assert_envelope(response, 404, code="model_not_found")
+
+
+def test_requests_arriving_during_a_pass_go_together_in_the_next(
+    tiny_npz: Path, engine_bundle: Path
+) -> None:
+    """Under load the batch grows to what arrived during one pass (no timer-sized dribble)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api.predict_service import MicroBatcher
+    from orca_engine.predict import load_model
+
+    predictor = load_model(engine_bundle)
+    x = np.load(tiny_npz)["x_train"][:12]
+    executor = ThreadPoolExecutor(max_workers=1)
+    # window 0: without a pass in flight every request would go at once, alone
+    batcher = MicroBatcher(predictor=predictor, window_seconds=0.0, max_batch=8, executor=executor)
+
+    async def run() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(batcher.submit(x[i : i + 1]) for i in range(len(x)))))
+
+    before = _batches()
+    try:
+        results = asyncio.run(run())
+    finally:
+        executor.shutdown()
+    # the first request runs alone; the 11 that arrived meanwhile go as 8 (max_batch) + 3
+    assert _batches() - before == 3
+    assert [r["predictions"][0] for r in results] == predictor.predict(x).predictions
