@@ -170,7 +170,8 @@ def test_dashboard_uploads_trains_and_shows_live_progress_and_plots(
         == dataset_id
     )
 
-    # Start a job: a tiny random backbone and few epochs keep it short on a CPU.
+    # Start a job: a tiny random backbone keeps it short on a CPU; enough epochs (batch 8, about
+    # 10 s) that the page's 1.5 s job poll sees progress strictly between 0 and 1.
     fill(browser, "job-name", "browser-job")
     fill(browser, "job-backbone", "tiny-bert")
     browser.find_element(By.ID, "job-allow-random-init").click()
@@ -179,8 +180,8 @@ def test_dashboard_uploads_trains_and_shows_live_progress_and_plots(
     )
     fill(browser, "job-align-epochs", "3")
     fill(browser, "job-max-samples", "64")
-    fill(browser, "job-ft-epochs", "6")
-    fill(browser, "job-batch-size", "16")
+    fill(browser, "job-ft-epochs", "40")
+    fill(browser, "job-batch-size", "8")
     browser.find_element(By.ID, "job-submit").click()
     wait_until(
         browser,
@@ -196,7 +197,7 @@ def test_dashboard_uploads_trains_and_shows_live_progress_and_plots(
     job_id = status_line.removeprefix("created ").strip()
     job = client.job(job_id)
     assert job["spec"]["backbone"] == "tiny-bert" and job["spec"]["allow_random_init"] is True
-    assert job["spec"]["alignment"]["epochs"] == 3 and job["spec"]["finetune"]["epochs"] == 6
+    assert job["spec"]["alignment"]["epochs"] == 3 and job["spec"]["finetune"]["epochs"] == 40
     assert job["spec"]["finetune"]["lr"] == "auto" and job["spec"]["task"]["type"] == "auto"
 
     # The page follows the job live: the watched job's status, progress and event log update.
