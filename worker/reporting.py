@@ -84,6 +84,9 @@ class DbCallbacks(Callbacks):
         self._stage_started = clock()
         self._latest_metrics: dict[str, dict[str, Any]] = {}
         self._pending_events: list[dict[str, Any]] = []
+        #: leading pending events whose last write failed at commit: the database may have
+        #: committed them and lost only the answer, so the next write checks before repeating
+        self._uncertain_events = 0
         self._resolved_spec_unsaved = False
 
     # -- events -----------------------------------------------------------------------------
@@ -109,8 +112,13 @@ class DbCallbacks(Callbacks):
         """Write queued events (and a resolved spec not yet stored); False if the DB is down."""
         if not self._pending_events and not self._resolved_spec_unsaved:
             return True
+        committing = 0
         try:
             with session_scope() as session:
+                if self._uncertain_events:
+                    written = self._already_written(session, self._uncertain_events)
+                    del self._pending_events[:written]
+                    self._uncertain_events = 0
                 if self._resolved_spec_unsaved and self.resolved_spec is not None:
                     session.execute(
                         update(Job)
@@ -119,7 +127,9 @@ class DbCallbacks(Callbacks):
                     )
                 for pending in self._pending_events:
                     session.add(JobEvent(job_id=self.job_id, **pending))
+                committing = len(self._pending_events)
         except DBAPIError as exc:
+            self._uncertain_events = max(self._uncertain_events, committing)
             logger.warning(
                 "job %s: database unreachable, %d event(s) kept for the next write (%s)",
                 self.job_id,
@@ -130,6 +140,28 @@ class DbCallbacks(Callbacks):
         self._pending_events.clear()
         self._resolved_spec_unsaved = False
         return True
+
+    def _already_written(self, session: Any, count: int) -> int:
+        """How many of the first ``count`` pending events a failed commit did write (all or 0).
+
+        A transaction is all or nothing, so the batch is either among the job's latest rows, in
+        order, or absent. (Another writer's event may have landed after it, hence the margin.)
+        """
+        batch = [(e["kind"], e["message"]) for e in self._pending_events[:count]]
+        rows = session.execute(
+            select(JobEvent.kind, JobEvent.message)
+            .where(JobEvent.job_id == self.job_id)
+            .order_by(JobEvent.id.desc())
+            .limit(count + 20)
+        ).all()
+        recent = [(kind, message) for kind, message in reversed(rows)]
+        for start in range(len(recent) - count + 1):
+            if recent[start : start + count] == batch:
+                logger.info(
+                    "job %s: %d event(s) had been written before the outage", self.job_id, count
+                )
+                return count
+        return 0
 
     def record_resolved_spec(self, resolved_spec: dict[str, Any]) -> None:
         """Store the fully resolved spec on the job as soon as the engine knows it."""
