@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 PLOT_NAMES = ("alignment", "training")
 CURVES_FILE = "curves.json"
-_NOT_VALUES = {"epoch", "seconds", "lr", "stage", "step", "total"}
+_NOT_VALUES = {"epoch", "seconds", "lr", "stage", "step", "total", "member", "members"}
 
 
 def _number(value: Any) -> float | None:
@@ -109,10 +109,19 @@ def training_records(
         history if isinstance(history, list) and history else events
     )
     records: list[dict[str, float]] = []
+    # An ensemble's members train in turn, each from epoch 1: they are drawn one after another
+    # (epochs offset by the earlier members'), and its closing summary is not an epoch.
+    member, offset, last_epoch = None, 0.0, 0.0
     for index, entry in enumerate(source):
         if not isinstance(entry, Mapping):
             continue
-        record: dict[str, float] = {"epoch": _number(entry.get("epoch")) or float(index + 1)}
+        if "members" in entry and entry.get("epoch") is None:
+            continue
+        if entry.get("member") != member:
+            member, offset = entry.get("member"), offset + last_epoch
+        epoch = _number(entry.get("epoch")) or float(index + 1)
+        last_epoch = epoch
+        record: dict[str, float] = {"epoch": offset + epoch}
         for key, value in entry.items():
             if key == "val" and isinstance(value, Mapping):
                 for metric, metric_value in value.items():

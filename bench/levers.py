@@ -41,6 +41,41 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # the values `auto` resolved to when these levers were on (weight-average horizon ~50 steps)
     "aug+ls+ema": ({}, {"augment": True, "label_smoothing": 0.1, "ema_decay": 0.98}),
     "ls+ema": ({}, {"augment": False, "label_smoothing": 0.1, "ema_decay": 0.98}),
+    # fewer, longer patches: each token carries a stretch of shape, and steps get cheaper
+    "tok16": ({}, {**LEVERS_OFF, "token_budget": 16}),
+    "tok32": ({}, {**LEVERS_OFF, "token_budget": 32}),
+    "tok16-lr3e-5": ({"finetune": {"lr": 3e-5}}, {**LEVERS_OFF, "token_budget": 16}),
+    "tok16-lr1e-5": ({"finetune": {"lr": 1e-5}}, {**LEVERS_OFF, "token_budget": 16}),
+    "tok16-stem": ({}, {**LEVERS_OFF, "token_budget": 16, "embedder_stem": 64}),
+    "tok32-stem": ({}, {**LEVERS_OFF, "token_budget": 32, "embedder_stem": 64}),
+    "tok16-stem-late": (
+        {},
+        {**LEVERS_OFF, "token_budget": 16, "embedder_stem": 64, "selection_start": 0.5},
+    ),
+    "tok16-stem-late-no-align": (
+        {"alignment": {"distance": "none"}},
+        {**LEVERS_OFF, "token_budget": 16, "embedder_stem": 64, "selection_start": 0.5},
+    ),
+    "tok16-stem-late-ens5": (
+        {},
+        {
+            **LEVERS_OFF,
+            "token_budget": 16,
+            "embedder_stem": 64,
+            "selection_start": 0.5,
+            "ensemble_members": 5,
+        },
+    ),
+    "tok16-stem-late-mix": (
+        {},
+        {
+            **LEVERS_OFF,
+            "token_budget": 16,
+            "embedder_stem": 64,
+            "selection_start": 0.5,
+            "mixup_alpha": 0.4,
+        },
+    ),
 }
 
 

@@ -28,6 +28,11 @@ def sequence_patch_size(length: int, max_tokens: int) -> int:
     return max(1, math.ceil(length / max(1, max_tokens)))
 
 
+def stem_kernel(patch_size: int) -> int:
+    """Odd window of the sequence stem: about two patches long, 3 to 15 steps."""
+    return min(max(3, 2 * patch_size + 1), 15)
+
+
 def image_patch_size(height: int, width: int, max_tokens: int, *, start: int = 1) -> int:
     """Smallest patch side p >= ``start`` whose padded grid has at most ``max_tokens`` cells."""
     patch = max(1, start)
@@ -126,6 +131,7 @@ class SequenceEmbedder(Embedder):
         backbone: Backbone | None = None,
         *,
         input_kind: str = "seq1d",
+        stem_channels: int = 0,
     ) -> None:
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
         n_tokens = math.ceil(length / patch_size)
@@ -140,14 +146,31 @@ class SequenceEmbedder(Embedder):
         self.input_kind = input_kind
         self.length = int(length)
         self.pad = n_tokens * patch_size - self.length
-        self.proj = nn.Conv1d(int(channels), embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stem_channels = int(stem_channels)
+        # Optional local feature stem: a same-length conv + GELU whose window spans a patch and
+        # its neighbours, so each token carries shape features (slopes, peaks), not raw values.
+        self.stem: nn.Module | None = None
+        proj_in = int(channels)
+        if self.stem_channels > 0:
+            kernel = stem_kernel(patch_size)
+            self.stem = nn.Sequential(
+                nn.Conv1d(int(channels), self.stem_channels, kernel, padding=kernel // 2),
+                nn.GELU(),
+            )
+            proj_in = self.stem_channels
+        self.proj = nn.Conv1d(proj_in, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tabular rows read as a one-channel sequence
             x = x.unsqueeze(1)
+        if self.stem is not None:
+            x = self.stem(x)
         if self.pad:
             x = F.pad(x, (0, self.pad))
         return self.proj(x).transpose(1, 2)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "stem_channels": self.stem_channels}
 
 
 class ImageEmbedder(Embedder):
@@ -228,7 +251,12 @@ def _check_shape(input_kind: str, sample_shape: tuple[int, ...]) -> None:
 
 
 def create_embedder(
-    input_kind: str, sample_shape: tuple[int, ...], backbone: Backbone, *, token_budget: int
+    input_kind: str,
+    sample_shape: tuple[int, ...],
+    backbone: Backbone,
+    *,
+    token_budget: int,
+    stem_channels: int = 0,
 ) -> Embedder:
     """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``."""
     sample_shape = tuple(int(s) for s in sample_shape)
@@ -237,7 +265,11 @@ def create_embedder(
     width = backbone.embed_dim
     if input_kind == "seq1d":
         return SequenceEmbedder(
-            sample_shape, width, sequence_patch_size(sample_shape[1], cap), backbone
+            sample_shape,
+            width,
+            sequence_patch_size(sample_shape[1], cap),
+            backbone,
+            stem_channels=stem_channels,
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -268,6 +300,9 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
         if config.get("layout", "per_feature") == "per_feature":
             return TabularEmbedder(shape, width, 1, backbone)
         return SequenceEmbedder(shape, width, patch, backbone, input_kind="tabular")
+    if kind == "seq1d":
+        stem = int(config.get("stem_channels", 0))
+        return SequenceEmbedder(shape, width, patch, backbone, stem_channels=stem)
     if kind not in _FROM_CONFIG:
         raise SpecError(f"unknown embedder input kind {kind!r}")
     return _FROM_CONFIG[kind](shape, width, patch, backbone)

@@ -60,6 +60,7 @@ def build_model(
     backbone: Backbone | str,
     token_budget: int,
     allow_random_init: bool = False,
+    stem_channels: int = 0,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -68,7 +69,11 @@ def build_model(
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, allow_random_init=allow_random_init)
     embedder = create_embedder(
-        info.input_kind, tuple(info.sample_shape), backbone, token_budget=token_budget
+        info.input_kind,
+        tuple(info.sample_shape),
+        backbone,
+        token_budget=token_budget,
+        stem_channels=stem_channels,
     )
     head = create_head(
         task_type,
@@ -80,8 +85,22 @@ def build_model(
     return OrcaModel(embedder, backbone, head)
 
 
-def model_from_config(config: dict[str, Any]) -> OrcaModel:
-    """The architecture described by :meth:`OrcaModel.config`, weights random until loaded."""
+def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """The architecture described by :meth:`OrcaModel.config`, weights random until loaded.
+
+    A config with ``ensemble_members`` > 1 (written by :class:`EnsembleModel`) rebuilds that many
+    members of the same architecture.
+    """
+    members = int(config.get("ensemble_members", 1))
+    if members > 1:
+        from orca_engine.ensemble import EnsembleModel
+
+        single = {k: v for k, v in config.items() if k != "ensemble_members"}
+        return EnsembleModel([_single_from_config(single) for _ in range(members)])
+    return _single_from_config(config)
+
+
+def _single_from_config(config: dict[str, Any]) -> OrcaModel:
     backbone_config = config["backbone"]
     backbone = create_backbone(
         backbone_config["name"], pretrained=False, config=backbone_config["config"]

@@ -17,6 +17,7 @@ stored in ``prepare.json`` with the rest of the resolved spec.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -47,7 +48,13 @@ from orca_engine.errors import SpecError
 from orca_engine.metrics import compute_metrics
 from orca_engine.model import OrcaModel, build_model
 from orca_engine.progress import STAGES, Callbacks
-from orca_engine.refine import Preprocessing, fit_preprocessing, outputs_for_metrics, refine
+from orca_engine.refine import (
+    Preprocessing,
+    RefineResult,
+    fit_preprocessing,
+    outputs_for_metrics,
+    refine,
+)
 from orca_engine.specs import (
     JobSpec,
     ResolvedSpec,
@@ -301,6 +308,7 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         else _out_dim(info, rspec.task_type),
         backbone=backbone,
         token_budget=rspec.token_budget,
+        stem_channels=rspec.embedder_stem,
     )
 
 
@@ -394,6 +402,109 @@ def _run_alignment(
         {"embedder": model.embedder.state_dict(), "result": record},
     )
     return record
+
+
+# --- refine as a cross-fitted ensemble --------------------------------------------------------
+
+
+def _refine_ensemble(
+    model: OrcaModel,
+    dataset: Dataset,
+    rspec: ResolvedSpec,
+    *,
+    device: torch.device,
+    callbacks: Callbacks,
+    workdir: Path,
+    preprocessing: Preprocessing,
+    pooled: bool,
+) -> tuple[torch.nn.Module, RefineResult]:
+    """Refine ``rspec.ensemble_members`` copies of the aligned ``model``, one per fold.
+
+    Each member resumes on its own (``member-<i>/``). The returned result describes the whole
+    ensemble: its validation metrics are computed on the out-of-fold predictions, its history
+    is every member's epochs in turn (each record names its ``member``), its best epoch the
+    first member's.
+    """
+    from orca_engine.ensemble import (
+        EnsembleModel,
+        MemberCallbacks,
+        member_datasets,
+        pooled_validation,
+    )
+    from orca_engine.refine import evaluate_split
+
+    count = int(rspec.ensemble_members)
+    splits = member_datasets(dataset, count, rspec.seed, pooled=pooled)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    members: list[OrcaModel] = []
+    results: list[RefineResult] = []
+    for index, member_data in enumerate(splits):
+        model.load_state_dict(start)
+        member_spec = rspec.model_copy(update={"seed": rspec.seed + index})
+        result = refine(
+            model,
+            member_data,
+            member_spec,
+            device=device,
+            callbacks=MemberCallbacks(callbacks, index, count),
+            state_dir=workdir / f"member-{index}",
+            preprocessing=preprocessing,
+        )
+        member = copy.deepcopy(model)
+        member.load_state_dict(result.best_state)
+        members.append(member.eval())
+        results.append(result)
+    ensemble = EnsembleModel(members).to(device)
+    # Out-of-fold: each member scores only its own validation rows; with the user's own split
+    # (not pooled) every member saw the same rows, and the ensemble is scored on them.
+    if pooled:
+        outputs = [
+            outputs_in_chunks(
+                member,
+                part.x_val,
+                device=device,
+                transform=preprocessing.normaliser.transform,
+            )
+            for member, part in zip(members, splits, strict=True)
+        ]
+        _, y_val = pooled_validation(splits)
+        metric_outputs = outputs_for_metrics(
+            rspec.task_type, np.concatenate(outputs), y_val, preprocessing.target_scaler
+        )
+        val_metrics = compute_metrics(rspec.task_type, y_val, metric_outputs)
+    else:
+        val_metrics, _ = evaluate_split(
+            ensemble,
+            dataset.x_val,
+            dataset.y_val,
+            task_type=rspec.task_type,
+            preprocessing=preprocessing,
+            device=device,
+        )
+    callbacks.event(
+        f"ensemble of {count}: selected epochs {[r.best_epoch for r in results]}, "
+        f"{'out-of-fold' if pooled else 'validation'} {rspec.metric} "
+        f"{val_metrics.get(rspec.metric, float('nan')):.4f}",
+        kind="metric",
+        data={
+            "stage": "refine",
+            "members": count,
+            **{f"val_{k}": v for k, v in val_metrics.items()},
+        },
+    )
+    first = results[0]
+    summary = RefineResult(
+        history=[
+            {**record, "member": index + 1}
+            for index, result in enumerate(results)
+            for record in result.history
+        ],
+        best_epoch=first.best_epoch,
+        best_val=val_metrics,
+        best_state={},
+        stopped_early=first.stopped_early,
+    )
+    return ensemble, summary
 
 
 # --- the job ---------------------------------------------------------------------------------
@@ -499,21 +610,39 @@ def run_job(
         kind="stage",
         data={"stage": "refine"},
     )
-    refined = refine(
-        model,
-        dataset,
-        rspec,
-        device=torch_device,
-        callbacks=callbacks,
-        state_dir=workdir,
-        preprocessing=preprocessing,
-    )
-    model.load_state_dict(refined.best_state)
-    model.eval()
+    final: torch.nn.Module = model
+    if rspec.ensemble_members > 1:
+        final, refined = _refine_ensemble(
+            model,
+            dataset,
+            rspec,
+            device=torch_device,
+            callbacks=callbacks,
+            workdir=workdir,
+            preprocessing=preprocessing,
+            pooled=not dataset.info.has_val,
+        )
+    else:
+        refined = refine(
+            model,
+            dataset,
+            rspec,
+            device=torch_device,
+            callbacks=callbacks,
+            state_dir=workdir,
+            preprocessing=preprocessing,
+        )
+        model.load_state_dict(refined.best_state)
+    final.eval()
 
     # evaluate ---------------------------------------------------------------------------------
+    selected = (
+        f"an ensemble of {rspec.ensemble_members} (out-of-fold"
+        if rspec.ensemble_members > 1
+        else f"epoch {refined.best_epoch} (val"
+    )
     callbacks.event(
-        f"evaluate: selected epoch {refined.best_epoch} on val ({rspec.metric} "
+        f"evaluate: selected {selected} {rspec.metric} "
         f"{refined.best_val.get(rspec.metric, float('nan')):.4f})",
         kind="stage",
         data={"stage": "evaluate"},
@@ -523,7 +652,7 @@ def run_job(
     if dataset.x_test is not None and dataset.y_test is not None and len(dataset.x_test) > 0:
         with out_of_memory_as_error(f"try a smaller finetune.batch_size (now {rspec.batch_size})"):
             outputs = outputs_in_chunks(
-                model,
+                final,
                 dataset.x_test,
                 device=torch_device,
                 transform=preprocessing.normaliser.transform,
@@ -567,7 +696,7 @@ def run_job(
         "alignment": {k: v for k, v in alignment.items() if k != "curve"},
         "engine_version": orca_engine.__version__,
     }
-    bundle = save_bundle(bundle_dir, model=model, config=config, metrics=metrics, curves=curves)
+    bundle = save_bundle(bundle_dir, model=final, config=config, metrics=metrics, curves=curves)
     callbacks.progress(stage="export", step=1, total=1)
     callbacks.event(
         f"done in {time.monotonic() - started:.1f}s (this attempt)",

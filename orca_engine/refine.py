@@ -154,6 +154,20 @@ def targets_tensor(
     return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
 
 
+def mixup_pairs(batch: int, alpha: float) -> tuple[float, torch.Tensor] | None:
+    """Mixup for one batch: a weight ``lam ~ Beta(alpha, alpha)`` and a partner permutation.
+
+    Each sample becomes ``lam * x + (1 - lam) * x[partner]`` and its loss the same mix of the two
+    labels' losses. Draws from torch's global generator (seeded and saved with the resume state).
+    ``None`` when there is nothing to mix (a batch of one).
+    """
+    if batch < 2 or alpha <= 0:
+        return None
+    concentration = torch.tensor(float(alpha))
+    lam = float(torch.distributions.Beta(concentration, concentration).sample())
+    return lam, torch.randperm(batch)
+
+
 def task_loss(
     task_type: str,
     outputs: torch.Tensor,
@@ -326,6 +340,11 @@ def refine(
     warmup_steps = round(float(rspec.warmup_fraction) * total_steps)
     patience = int(rspec.early_stopping_patience)
     min_epochs = math.ceil(MIN_EPOCHS_FRACTION * epochs)
+    # Epochs before this one are never selected (a tiny validation split can crown an
+    # under-trained early epoch by one lucky sample); at most the last epoch.
+    select_from = min(
+        epochs, max(1, math.ceil(float(getattr(rspec, "selection_start", 0.0)) * epochs))
+    )
     progress_every = max(1, total_steps // PROGRESS_REPORTS)
 
     model.to(device)
@@ -333,6 +352,9 @@ def refine(
     optimizer = build_optimizer(model, rspec)
     label_smoothing = float(getattr(rspec, "label_smoothing", 0.0))
     augment = bool(getattr(rspec, "augment", False))
+    mixup_alpha = (
+        float(getattr(rspec, "mixup_alpha", 0.0)) if task_type == "classification" else 0.0
+    )
     ema_decay = float(getattr(rspec, "ema_decay", 0.0))
     average = WeightAverage(model, ema_decay) if ema_decay > 0 else None
     # What validation sees and what is kept: the weight average when there is one.
@@ -396,11 +418,19 @@ def refine(
             targets = y_train[torch.from_numpy(batch_indices)]
             if augment:
                 inputs = augment_batch(inputs, input_kind=input_kind, task_type=task_type)
+            mix = mixup_pairs(len(batch_indices), mixup_alpha) if mixup_alpha > 0 else None
+            if mix is not None:
+                inputs = mix[0] * inputs + (1.0 - mix[0]) * inputs[mix[1]]
             with out_of_memory_as_error(hint):
                 inputs, targets = inputs.to(device), targets.to(device)
                 with autocast(device):
                     outputs = model(inputs)
                 loss = task_loss(task_type, outputs, targets, label_smoothing=label_smoothing)
+                if mix is not None:
+                    partner = targets[mix[1].to(device)]
+                    loss = mix[0] * loss + (1.0 - mix[0]) * task_loss(
+                        task_type, outputs, partner, label_smoothing=label_smoothing
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(
@@ -441,12 +471,13 @@ def refine(
             "seconds": time.monotonic() - started,
         }
         history.append(record)
-        if _is_better(score, val_loss, best_score, best_loss, higher=higher):
+        eligible = epoch + 1 >= select_from
+        if eligible and _is_better(score, val_loss, best_score, best_loss, higher=higher):
             best_epoch, best_score, best_val = epoch + 1, score, val_metrics
             best_loss = val_loss
             best_state = _cpu_copy(evaluated.state_dict())
             epochs_since_best = 0
-        else:
+        elif eligible:
             epochs_since_best += 1
         stopped_early = (
             patience > 0 and epochs_since_best >= patience and min_epochs <= epoch + 1 < epochs

@@ -7,8 +7,13 @@ per choice in ``ResolvedSpec.reasons`` so a user can see why.
 
 Defaults aim at a CPU job on a small dataset finishing in minutes:
 
-* ``token_budget``: 64 tokens per sample on CPU, 128 on CUDA (the embedder and backbone may cap
-  it further, e.g. to the backbone's 512 positions or to the sample's length);
+* ``token_budget``: series 16 tokens through a 64-channel conv stem (``embedder_stem``); other
+  inputs 64 tokens per sample on CPU, 128 on CUDA (the embedder and backbone may cap it further,
+  e.g. to the backbone's 512 positions or to the sample's length);
+* ``selection_start``: with fewer than 100 validation rows, checkpoints are selected only from
+  half the epochs on;
+* ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
+  training-sample passes (small datasets), else 1;
 * ``batch_size``: ``clip(n_train // 8, 8, 64)``, never more than the training rows;
 * ``finetune_epochs``: enough epochs for ~500 optimisation steps on CPU (~2000 on CUDA),
   between 3 and 100 (early stopping usually ends sooner);
@@ -49,6 +54,15 @@ BACKBONE_MAX_POSITIONS = 512
 
 # Resolution constants (documented in the module docstring).
 TOKEN_BUDGET = {"cpu": 64, "cuda": 128}
+#: series get fewer, longer tokens (docs/QUALITY.md): each token then carries a stretch of shape
+SEQUENCE_TOKEN_BUDGET = 16
+#: channels of the conv stem in front of a series' patch projection (0 would turn it off)
+SEQUENCE_STEM_CHANNELS = 64
+#: below this many validation samples, one lucky sample can crown an under-trained early epoch,
+#: so checkpoints are selected only from the early-stopping floor on
+SMALL_VAL_SPLIT = 100
+#: where selection starts on a small validation split (the early-stopping floor, refine.py)
+LATE_SELECTION_START = 0.5
 TARGET_STEPS = {"cpu": 500, "cuda": 2000}
 ALIGN_EPOCH_CAP = {"cpu": 30, "cuda": 60}
 MIN_FINETUNE_EPOCHS, MAX_FINETUNE_EPOCHS = 3, 100
@@ -71,6 +85,12 @@ AUGMENTABLE_KINDS = ("seq1d", "image2d")
 #: They stay available as resolved values for benchmarks (``resolved_overrides``).
 AUGMENT_BY_DEFAULT = False
 SMOOTH_AND_AVERAGE_BY_DEFAULT = False
+#: at most this many cross-fitted members (orca_engine/ensemble.py) ...
+ENSEMBLE_MAX_MEMBERS = 5
+#: ... as many as fit in this many training-sample passes (steps x batch) for the whole ensemble:
+#: five members of a ~500-step, batch-8 job on CPU (minutes on 2 cores); a large dataset's
+#: single run already spends it, so it gets one model
+ENSEMBLE_PASS_BUDGET = {"cpu": 25_000, "cuda": 5 * 2000 * 64}
 # Share of train held out for validation when the upload has none (load_dataset's default).
 VAL_FRACTION = 0.2
 
@@ -149,11 +169,18 @@ class FinetuneConfig(BaseModel):
     batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)] = "auto"
     optimizer: Optimizer = "adamw"
     early_stopping_patience: Annotated[int, Field(ge=0, le=1000, strict=True)] = 10
+    #: cross-fitted models refined and averaged; ``auto``: up to 5 on small datasets, else 1
+    ensemble_members: Literal["auto"] | Annotated[int, Field(ge=1, le=10)] = "auto"
 
     @field_validator("epochs", mode="before")
     @classmethod
     def _check_epochs(cls, value: Any) -> Any:
         return _auto_or_number(value, kind=int, low=1, high=10_000)
+
+    @field_validator("ensemble_members", mode="before")
+    @classmethod
+    def _check_members(cls, value: Any) -> Any:
+        return _auto_or_number(value, kind=int, low=1, high=10)
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -213,6 +240,14 @@ class ResolvedSpec(BaseModel):
     augment: bool = False
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    #: channels of the sequence embedder's conv stem (0: patches are projected directly)
+    embedder_stem: Annotated[int, Field(ge=0)] = 0
+    #: share of the fine-tuning epochs before which no checkpoint is selected
+    selection_start: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: mixup strength for single-label classification (0: off)
+    mixup_alpha: Annotated[float, Field(ge=0)] = 0.0
+    #: cross-fitted members refined from the aligned model and averaged (1: a single model)
+    ensemble_members: Annotated[int, Field(ge=1, le=10)] = 1
     token_budget: Annotated[int, Field(ge=1)]
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     allow_random_init: bool = False
@@ -295,6 +330,14 @@ def effective_train_size(info: DatasetInfo, val_fraction: float = VAL_FRACTION) 
     if info.has_val or int(info.splits.get("val", 0)) > 0:
         return max(1, n_train)
     return max(1, n_train - max(1, round(n_train * val_fraction)))
+
+
+def validation_size(info: DatasetInfo, val_fraction: float = VAL_FRACTION) -> int:
+    """Validation rows: the upload's own split, or the share held out of train."""
+    n_train = int(info.splits.get("train", 0))
+    if info.has_val or int(info.splits.get("val", 0)) > 0:
+        return int(info.splits.get("val", 0))
+    return max(1, round(n_train * val_fraction)) if n_train > 1 else 0
 
 
 def _check_compatibility(spec: JobSpec, info: DatasetInfo, task_type: str, metric: str) -> None:
@@ -411,9 +454,30 @@ def resolve_spec(
             "frozen": "only the head trains",
         }[mode]
         reasons["lr"] = f"{optimizer} with mode {mode} ({trained})"
-    token_budget = min(TOKEN_BUDGET[kind], BACKBONE_MAX_POSITIONS)
-    reasons["token_budget"] = (
-        f"{token_budget} tokens per sample on {kind} (the embedder may use fewer)"
+    if info.input_kind == "seq1d":
+        token_budget = SEQUENCE_TOKEN_BUDGET
+        reasons["token_budget"] = (
+            f"{token_budget} tokens per series, each a stretch of the series seen through a conv "
+            "stem (measured in docs/QUALITY.md; the embedder may use fewer)"
+        )
+    else:
+        token_budget = min(TOKEN_BUDGET[kind], BACKBONE_MAX_POSITIONS)
+        reasons["token_budget"] = (
+            f"{token_budget} tokens per sample on {kind} (the embedder may use fewer)"
+        )
+    embedder_stem = SEQUENCE_STEM_CHANNELS if info.input_kind == "seq1d" else 0
+    reasons["embedder_stem"] = (
+        f"a {embedder_stem}-channel conv stem gives each token local shape features"
+        if embedder_stem
+        else f"no stem for {info.input_kind} inputs"
+    )
+    n_val = validation_size(info)
+    selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT else 0.0
+    reasons["selection_start"] = (
+        f"checkpoints are selected from epoch {math.ceil(selection_start * int(finetune_epochs))} "
+        f"on: {n_val} validation samples are too few to trust an early epoch's score"
+        if selection_start
+        else f"any epoch may be selected ({n_val} validation samples)"
     )
     reasons["embedder_lr"] = "fixed learning rate for training the embedder during alignment"
     reasons["weight_decay"] = f"standard for {optimizer}"
@@ -440,6 +504,31 @@ def resolve_spec(
         else f"only single-label classification is smoothed, not {task_type}"
     )
     total_steps = int(finetune_epochs) * math.ceil(n_train / int(batch_size))
+    passes = total_steps * int(batch_size)
+    ensemble_members = max(1, min(ENSEMBLE_MAX_MEMBERS, ENSEMBLE_PASS_BUDGET[kind] // passes))
+    if n_train + validation_size(info) < 2 * ENSEMBLE_MAX_MEMBERS:
+        ensemble_members = 1  # too few rows for folds with something in each
+    if spec.finetune.ensemble_members != "auto":
+        ensemble_members = int(spec.finetune.ensemble_members)
+        pooled_rows = n_train + validation_size(info)
+        folds = max(ensemble_members, ENSEMBLE_MAX_MEMBERS)
+        if ensemble_members > 1 and not info.has_val and pooled_rows < 2 * folds:
+            raise SpecError(
+                f"finetune.ensemble_members {ensemble_members} cuts the training rows into "
+                f"{folds} folds, which needs at least {2 * folds} rows; this dataset has "
+                f"{pooled_rows}. Use 1, or upload a validation split.",
+                param="finetune.ensemble_members",
+            )
+    else:
+        reasons["ensemble_members"] = (
+            f"{ensemble_members} cross-fitted members, each validated on its own fold and averaged: "
+            "one small-data run swings with its split (docs/QUALITY.md)"
+            if ensemble_members > 1
+            else f"one model: one run takes {passes} training-sample passes, and an ensemble may "
+            f"spend {ENSEMBLE_PASS_BUDGET[kind]} on {kind}"
+            if passes * 2 > ENSEMBLE_PASS_BUDGET[kind]
+            else "one model: too few rows to cut folds"
+        )
     ema_decay = ema_decay_for(total_steps) if smooth_and_average else 0.0
     reasons["ema_decay"] = (
         f"validation and the kept model use a weight average over ~{round(1 / (1 - ema_decay))} "
@@ -470,6 +559,9 @@ def resolve_spec(
             augment=augment,
             label_smoothing=label_smoothing,
             ema_decay=ema_decay,
+            ensemble_members=ensemble_members,
+            embedder_stem=embedder_stem,
+            selection_start=selection_start,
             token_budget=token_budget,
             seed=spec.seed,
             allow_random_init=spec.allow_random_init,

@@ -232,9 +232,16 @@ def test_dashboard_uploads_trains_and_shows_live_progress_and_plots(
         done["started_at"],
         done["finished_at"],
     )
+    # The page polls the job and follows the event stream separately, so the bar can be full a
+    # moment before the stream has delivered its last events and the server's `end`.
+    wait_until(
+        browser,
+        lambda d: text_of(d, "job-stream-state") == "finished",
+        timeout=20,
+        what="the event stream to end",
+    )
     events = text_of(browser, "job-events")
     assert "metric" in events and "align epoch" in events, events
-    assert text_of(browser, "job-stream-state") == "finished"
 
     wait_until(
         browser,

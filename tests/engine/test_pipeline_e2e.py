@@ -78,7 +78,7 @@ def _weights(bundle: Path) -> dict[str, torch.Tensor]:
 def test_a_killed_job_resumes_to_the_same_weights_and_metrics(
     gunpoint_npz: Path, tmp_path: Path
 ) -> None:
-    overrides = {"token_budget": 16}
+    overrides = {"token_budget": 16, "ensemble_members": 1}
     straight = run_job(
         TINY_SPEC,
         gunpoint_npz,
@@ -121,6 +121,68 @@ def test_a_killed_job_resumes_to_the_same_weights_and_metrics(
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_a_cross_fitted_ensemble_resumes_inside_a_member_and_reloads(
+    gunpoint_npz: Path, tmp_path: Path
+) -> None:
+    overrides = {"token_budget": 16, "ensemble_members": 3}
+    straight = run_job(
+        TINY_SPEC,
+        gunpoint_npz,
+        tmp_path / "work-straight",
+        bundle_dir=tmp_path / "straight",
+        device="cpu",
+        resolved_overrides=overrides,
+    )
+    # 50 pooled rows in 5 folds: each member trains on 40 (5 steps per epoch, 15 per member);
+    # the refine bar spans all members, so step 22 is inside member 2's second epoch.
+    killer = Recorder(cancel_at_refine_step=22)
+    with pytest.raises(JobCancelled):
+        run_job(
+            TINY_SPEC,
+            gunpoint_npz,
+            tmp_path / "work",
+            bundle_dir=tmp_path / "resumed",
+            device="cpu",
+            callbacks=killer,
+            resolved_overrides=overrides,
+        )
+    refine_steps = [
+        (step, total) for stage, step, total in killer.progress_calls if stage == "refine"
+    ]
+    assert {total for _, total in refine_steps} == {45}
+    assert [step for step, _ in refine_steps] == sorted(step for step, _ in refine_steps)
+    assert (tmp_path / "work" / "member-0" / "refine_state.pt").exists()
+    assert (tmp_path / "work" / "member-1" / "refine_state.pt").exists()
+    assert not (tmp_path / "work" / "member-2").exists()
+
+    recorder = Recorder()
+    resumed = run_job(
+        TINY_SPEC,
+        gunpoint_npz,
+        tmp_path / "work",
+        bundle_dir=tmp_path / "resumed",
+        device="cpu",
+        callbacks=recorder,
+        resolved_overrides=overrides,
+    )
+    assert any("member 2/3: refine resumes after epoch 1/3" in m for _, m in recorder.events)
+    assert resumed.metrics == straight.metrics
+    expected, got = _weights(straight.bundle_dir), _weights(resumed.bundle_dir)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    # three members' weights in one bundle, reloaded as one model whose predictions are the
+    # test outputs the job scored
+    assert any(name.startswith("members.2.") for name in got)
+    predictor = load_model(resumed.bundle_dir)
+    assert type(predictor.model).__name__ == "EnsembleModel"
+    dataset = load_dataset(gunpoint_npz, seed=7)
+    assert dataset.y_test is not None
+    accuracy = float(np.mean(predictor.outputs(dataset.x_test).argmax(1) == dataset.y_test))
+    assert accuracy == pytest.approx(resumed.metrics["test"]["accuracy"])
+    # validation is scored out of fold: every pooled row once
+    assert 0.0 <= resumed.metrics["val"]["accuracy"] <= 1.0
 
 
 def test_a_local_backbone_outside_the_model_dirs_is_refused(
@@ -188,7 +250,8 @@ MINILM_SPEC: dict[str, Any] = {
     "finetune": {"epochs": 60, "lr": 1e-4, "batch_size": 8},
     "seed": 0,
 }
-MINILM_OVERRIDES = {"token_budget": 32}
+# one model: the cross-fitted default would multiply this test's refine time by five
+MINILM_OVERRIDES = {"token_budget": 32, "ensemble_members": 1}
 
 
 @pytest.fixture(scope="module")

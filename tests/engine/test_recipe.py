@@ -14,8 +14,8 @@ from torch import nn
 
 from orca_engine.augment import augment_batch
 from orca_engine.backbones import create_backbone
-from orca_engine.embedders import create_embedder
-from orca_engine.refine import WeightAverage
+from orca_engine.embedders import create_embedder, embedder_from_config, stem_kernel
+from orca_engine.refine import WeightAverage, mixup_pairs, refine
 from orca_engine.specs import (
     EMA_HORIZON_STEPS,
     JobSpec,
@@ -23,6 +23,7 @@ from orca_engine.specs import (
     ema_decay_for,
     resolve_spec,
 )
+from tests.engine.test_refine_checkpoint import make_dataset, make_model, make_rspec
 from tests.engine.test_specs import REGRESSION, _info
 
 
@@ -126,7 +127,80 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     assert series.batch_size == 8
     assert series.finetune_epochs * math.ceil(40 / series.batch_size) == 500
 
+    # series: 16 tokens through a 64-channel stem; 10 validation series -> late selection
+    assert (series.token_budget, series.embedder_stem, series.selection_start) == (16, 64, 0.5)
+    assert {"token_budget", "embedder_stem", "selection_start"} <= set(series.reasons)
+    big = resolve_spec(JobSpec(dataset_id="d"), _info(splits={"train": 5000, "test": 100}))
+    assert big.selection_start == 0.0  # 1,000 validation rows: any epoch may be selected
+    on_gpu = resolve_spec(JobSpec(dataset_id="d"), _info(), device="cuda")
+    assert on_gpu.token_budget == 16
+
     table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
     assert table.augment is False
+    assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
+
+
+# --- embedder stem, late selection, mixup -----------------------------------------------------
+
+
+def test_sequence_stem_keeps_the_token_count_and_survives_a_rebuild() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    plain = create_embedder("seq1d", (3, 150), backbone, token_budget=16)
+    stem = create_embedder("seq1d", (3, 150), backbone, token_budget=16, stem_channels=8)
+    x = torch.randn(2, 3, 150)
+    assert plain(x).shape == stem(x).shape == (2, 15, backbone.embed_dim)  # patch 10
+    assert plain.config()["stem_channels"] == 0 and stem.config()["stem_channels"] == 8
+    # windows span about two patches, odd, within 3..15
+    assert [stem_kernel(p) for p in (1, 3, 10, 200)] == [3, 7, 15, 15]
+    rebuilt = embedder_from_config(stem.config(), backbone)
+    rebuilt.load_state_dict(stem.state_dict())  # strict: same parameters, same shapes
+    torch.testing.assert_close(rebuilt(x), stem(x))
+    # bundles written before the stem existed have no key and rebuild without one
+    old = {k: v for k, v in plain.config().items() if k != "stem_channels"}
+    assert embedder_from_config(old, backbone).stem is None
+
+
+def test_stem_makes_tokens_depend_on_neighbouring_patches() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    embedder = create_embedder("seq1d", (1, 40), backbone, token_budget=8, stem_channels=8)
+    x = torch.zeros(1, 1, 40)
+    bumped = x.clone()
+    bumped[0, 0, 5] = 3.0  # first step of patch 1 (patch length 5, stem window 11)
+    moved = (embedder(bumped) - embedder(x)).abs().sum(-1)[0]
+    assert moved[0] > 0 and moved[1] > 0 and moved[2] > 0  # the window reaches both neighbours
+    assert torch.all(moved[3:] == 0)
+
+
+def test_late_selection_never_picks_an_epoch_before_its_start() -> None:
+    dataset = make_dataset(n_train=32, n_val=16)
+    rspec = make_rspec(finetune_epochs=6, selection_start=0.5, early_stopping_patience=0)
+    result = refine(make_model(dataset), dataset, rspec, device="cpu")
+    assert len(result.history) == 6
+    assert result.best_epoch >= 3
+    keys = [(h["val"]["accuracy"], -h["val_loss"]) for h in result.history[2:]]
+    assert result.best_epoch == keys.index(max(keys)) + 3
+
+
+def test_mixup_pairs_are_seeded_weights_in_the_unit_interval() -> None:
+    assert mixup_pairs(1, 0.4) is None and mixup_pairs(8, 0.0) is None
+    torch.manual_seed(3)
+    first = mixup_pairs(8, 0.4)
+    torch.manual_seed(3)
+    second = mixup_pairs(8, 0.4)
+    assert first is not None and second is not None
+    assert first[0] == second[0] and 0.0 <= first[0] <= 1.0
+    assert torch.equal(first[1], second[1]) and sorted(first[1].tolist()) == list(range(8))
+
+
+def test_mixup_changes_training_but_stays_reproducible() -> None:
+    dataset = make_dataset(n_train=32, n_val=16)
+
+    def run(alpha: float) -> dict[str, torch.Tensor]:
+        rspec = make_rspec(finetune_epochs=2, mixup_alpha=alpha)
+        return refine(make_model(dataset), dataset, rspec, device="cpu").best_state
+
+    mixed, again, plain = run(0.4), run(0.4), run(0.0)
+    assert all(torch.equal(mixed[k], again[k]) for k in mixed)
+    assert any(not torch.equal(mixed[k], plain[k]) for k in mixed)

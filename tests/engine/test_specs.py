@@ -54,7 +54,7 @@ def test_auto_resolves_to_concrete_values_with_reasons() -> None:
         "otdd",
     )
     assert data["align_auto"] is True and 0 < data["align_epochs"] <= 60
-    assert data["token_budget"] == 64
+    assert data["token_budget"] == 16  # series: few long tokens through a conv stem
     # 50 train rows, 10 held out for val -> 40; batch clip(40 // 8, 8, 64) = 8
     assert data["batch_size"] == 8
     assert 3 <= data["finetune_epochs"] <= 100
@@ -115,7 +115,9 @@ def test_resolution_depends_on_data_and_device() -> None:
     large = resolve_spec(JobSpec(dataset_id="d"), large_info)
     assert large.batch_size == 64
     assert tiny.finetune_epochs > large.finetune_epochs >= 3
-    assert resolve_spec(JobSpec(dataset_id="d"), _info(), device="cuda:0").token_budget == 128
+    image = _info(input_kind="image2d", sample_shape=(1, 32, 32))
+    assert resolve_spec(JobSpec(dataset_id="d"), image, device="cuda:0").token_budget == 128
+    assert resolve_spec(JobSpec(dataset_id="d"), image).token_budget == 64
     few = resolve_spec(JobSpec(dataset_id="d"), _info(splits={"train": 6, "val": 0, "test": 0}))
     assert few.batch_size <= 5  # never more than the training rows left after the val split
 

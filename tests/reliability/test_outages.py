@@ -66,7 +66,13 @@ class OutageStack:
         spec = tiny_spec(
             self.dataset_id,
             alignment={"distance": "none", "epochs": 0},
-            finetune={"epochs": epochs, "batch_size": 16, "early_stopping_patience": 0},
+            # one model: its epochs form one numbered sequence that the log check can follow
+            finetune={
+                "epochs": epochs,
+                "batch_size": 16,
+                "early_stopping_patience": 0,
+                "ensemble_members": 1,
+            },
         )
         return str(self.client.create_job(spec)["id"])
 
