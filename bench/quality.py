@@ -962,7 +962,8 @@ def build_report(
         "### Wall time per run (s)",
         "",
         "Mean over seeds; `(k ep)`: fine-tuning epochs a neural run actually ran before early "
-        "stopping (of the budget above). Neural runs include loading MiniLM, alignment and "
+        "stopping (of the budget above; summed over an ensemble's members). Neural runs include "
+        "loading MiniLM, alignment and "
         "evaluation; peers ran on one thread in the harness process.",
         "",
         wall_table(cells, datasets, methods, planned_pairs),
