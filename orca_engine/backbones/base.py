@@ -76,11 +76,16 @@ class Backbone(nn.Module):
         return None
 
     def layernorm_parameter_names(self) -> list[str]:
-        """Names (as in ``named_parameters()``) of every LayerNorm weight and bias."""
+        """Names (as in ``named_parameters()``) of every normalisation layer's weight and bias.
+
+        What ``finetune.mode: layernorm`` trains in the body: LayerNorms in a transformer, and in
+        a body without them (a timm CNN, an RMSNorm model) its own norms (BatchNorm, GroupNorm,
+        any ``*Norm`` module), so the mode never silently freezes the whole body.
+        """
         return [
             f"{module_name}.{param_name}" if module_name else param_name
             for module_name, module in self.named_modules()
-            if isinstance(module, nn.LayerNorm)
+            if _is_norm(module)
             for param_name, _ in module.named_parameters(recurse=False)
         ]
 
@@ -133,3 +138,11 @@ def create_backbone(name: str, **kwargs: Any) -> Backbone:
     raise BackboneUnavailable(
         f"unknown backbone {name!r}; known: {', '.join(list_backbones())}", param="backbone"
     )
+
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: a torch norm type, or a module named like one (``LlamaRMSNorm``)."""
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.lower().endswith("norm")

@@ -159,6 +159,21 @@ def test_set_trainable_modes(backbone: Backbone) -> None:
         set_trainable(model, "everything")
 
 
+def test_layernorm_mode_trains_the_norms_of_a_body_without_layernorms() -> None:
+    """A CNN or RMSNorm body is not frozen whole by ``layernorm`` mode: its own norms train."""
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(size))
+
+    body = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GroupNorm(2, 4), RMSNorm(4)
+    )
+    names = Backbone.layernorm_parameter_names(body)  # type: ignore[arg-type]
+    assert names == ["1.weight", "1.bias", "2.weight", "2.bias", "3.weight"]
+
+
 @pytest.mark.parametrize(
     "info,task_type,out_dim",
     [
