@@ -31,7 +31,11 @@ logger = logging.getLogger("bench.levers")
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 RESULTS = CACHE / "levers.jsonl"
-LEVERS_OFF = {"augment": False, "label_smoothing": 0.0, "ema_decay": 0.0}
+#: single-model runs: ``auto`` now resolves to an ensemble on small sets, so levers measured one
+#: model at a time say so explicitly (the session-2 and session-3 rows were single models)
+LEVERS_OFF = {"augment": False, "label_smoothing": 0.0, "ema_decay": 0.0, "ensemble_members": 1}
+#: the session-3 single-model recipe every session-4 variant starts from
+LATE_STEM = {**LEVERS_OFF, "embedder_stem": 64, "selection_start": 0.5}
 
 #: name -> (task-spec fragment, resolved overrides); "auto" is whatever the engine resolves now
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -76,6 +80,24 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "mixup_alpha": 0.4,
         },
     ),
+    # session 4: fewer tokens still, and tuning only the LayerNorms of the body
+    "tok8-stem-late": ({}, {**LATE_STEM, "token_budget": 8}),
+    "tok4-stem-late": ({}, {**LATE_STEM, "token_budget": 4}),
+    "tok16-stem-late-ln": ({"finetune": {"mode": "layernorm"}}, {**LATE_STEM, "token_budget": 16}),
+    "tok8-stem-late-ln": ({"finetune": {"mode": "layernorm"}}, {**LATE_STEM, "token_budget": 8}),
+    "tok8-stem-late-ens5": ({}, {**LATE_STEM, "token_budget": 8, "ensemble_members": 5}),
+    "tok8-stem-late-ln-no-align": (
+        {"alignment": {"distance": "none"}, "finetune": {"mode": "layernorm"}},
+        {**LATE_STEM, "token_budget": 8},
+    ),
+    "tok4-stem-late-ln": ({"finetune": {"mode": "layernorm"}}, {**LATE_STEM, "token_budget": 4}),
+    "tok8-stem-late-ln-ens5": (
+        {"finetune": {"mode": "layernorm"}},
+        {**LATE_STEM, "token_budget": 8, "ensemble_members": 5},
+    ),
+    # one model of whatever else `auto` resolves, all weights or only LayerNorms training
+    "one-full": ({"finetune": {"mode": "full"}}, {"ensemble_members": 1}),
+    "one-ln": ({"finetune": {"mode": "layernorm"}}, {"ensemble_members": 1}),
 }
 
 
@@ -124,6 +146,9 @@ def run(variants: list[str], datasets: list[str], seeds: list[int], threads: int
                     "alignment": result.metrics.get("alignment"),
                     "seconds": round(seconds, 1),
                     "finetune_epochs": result.resolved_spec.get("finetune_epochs"),
+                    "finetune_mode": result.resolved_spec.get("finetune_mode"),
+                    "token_budget": result.resolved_spec.get("token_budget"),
+                    "ensemble_members": result.resolved_spec.get("ensemble_members"),
                     "epochs_run": len(result.curves.get("refine", [])),
                     "threads": threads,
                     "revision": revision,

@@ -7,7 +7,7 @@ per choice in ``ResolvedSpec.reasons`` so a user can see why.
 
 Defaults aim at a CPU job on a small dataset finishing in minutes:
 
-* ``token_budget``: series 16 tokens through a 64-channel conv stem (``embedder_stem``); other
+* ``token_budget``: series 8 tokens through a 64-channel conv stem (``embedder_stem``); other
   inputs 64 tokens per sample on CPU, 128 on CUDA (the embedder and backbone may cap it further,
   e.g. to the backbone's 512 positions or to the sample's length);
 * ``selection_start``: with fewer than 100 validation rows, checkpoints are selected only from
@@ -17,6 +17,8 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
 * ``batch_size``: ``clip(n_train // 8, 8, 64)``, never more than the training rows;
 * ``finetune_epochs``: enough epochs for ~500 optimisation steps on CPU (~2000 on CUDA),
   between 3 and 100 (early stopping usually ends sooner);
+* ``finetune_mode``: below 2,000 training rows only the backbone's LayerNorms train (with the
+  embedder and head), from 2,000 on every weight;
 * ``lr``: AdamW 1e-4 for full fine-tuning, 1e-3 when only LayerNorms or the head train; SGD 10x;
 * ``align_epochs``: at most 30 on CPU / 60 on CUDA, stopping when the distance plateaus.
 
@@ -43,6 +45,8 @@ TaskType = Literal[
 Metric = Literal["accuracy", "macro_f1", "auroc", "map", "mse", "rmse", "mae", "relative_l2"]
 Distance = Literal["otdd", "otdd_gaussian", "ot", "mmd", "l2", "cosine", "none"]
 FinetuneMode = Literal["full", "layernorm", "frozen"]
+#: what a task spec may ask for: a concrete mode, or ``auto`` (resolved from the dataset size)
+RequestedFinetuneMode = Literal["auto", "full", "layernorm", "frozen"]
 Optimizer = Literal["adamw", "sgd"]
 
 MAX_SEED = 2**31 - 1
@@ -55,7 +59,7 @@ BACKBONE_MAX_POSITIONS = 512
 # Resolution constants (documented in the module docstring).
 TOKEN_BUDGET = {"cpu": 64, "cuda": 128}
 #: series get fewer, longer tokens (docs/QUALITY.md): each token then carries a stretch of shape
-SEQUENCE_TOKEN_BUDGET = 16
+SEQUENCE_TOKEN_BUDGET = 8
 #: channels of the conv stem in front of a series' patch projection (0 would turn it off)
 SEQUENCE_STEM_CHANNELS = 64
 #: below this many validation samples, one lucky sample can crown an under-trained early epoch,
@@ -67,6 +71,9 @@ TARGET_STEPS = {"cpu": 500, "cuda": 2000}
 ALIGN_EPOCH_CAP = {"cpu": 30, "cuda": 60}
 MIN_FINETUNE_EPOCHS, MAX_FINETUNE_EPOCHS = 3, 100
 MIN_BATCH, MAX_BATCH = 8, 64
+#: ``finetune.mode: auto`` tunes only the body's LayerNorms (plus embedder and head) below this
+#: many training rows, and every weight from here on (docs/QUALITY.md, session 4)
+LAYERNORM_BELOW_ROWS = 2000
 ADAMW_LR = {"full": 1e-4, "layernorm": 1e-3, "frozen": 1e-3}
 SGD_LR_FACTOR = 10.0
 EMBEDDER_LR = 1e-3
@@ -163,7 +170,7 @@ class FinetuneConfig(BaseModel):
 
     model_config = _Strict
 
-    mode: FinetuneMode = "full"
+    mode: RequestedFinetuneMode = "auto"
     epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=10_000)] = "auto"
     lr: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = "auto"
     batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)] = "auto"
@@ -443,7 +450,16 @@ def resolve_spec(
             f"about {TARGET_STEPS[kind]} optimisation steps on {kind} at {steps_per_epoch} steps "
             f"per epoch, within [{MIN_FINETUNE_EPOCHS}, {MAX_FINETUNE_EPOCHS}]"
         )
-    mode = spec.finetune.mode
+    mode: str = spec.finetune.mode
+    if mode == "auto":
+        mode = "layernorm" if n_train < LAYERNORM_BELOW_ROWS else "full"
+        reasons["finetune_mode"] = f"{n_train} training samples: " + (
+            f"fewer than {LAYERNORM_BELOW_ROWS}, so only the backbone's LayerNorms train "
+            "(with the embedder and head): on sets this small, training every weight was "
+            "no better and slower (docs/QUALITY.md)"
+            if mode == "layernorm"
+            else f"at least {LAYERNORM_BELOW_ROWS}, so all weights train"
+        )
     optimizer = spec.finetune.optimizer
     lr = spec.finetune.lr
     if lr == "auto":

@@ -18,6 +18,7 @@ from orca_engine.embedders import create_embedder, embedder_from_config, stem_ke
 from orca_engine.refine import WeightAverage, mixup_pairs, refine
 from orca_engine.specs import (
     EMA_HORIZON_STEPS,
+    LAYERNORM_BELOW_ROWS,
     JobSpec,
     augmentation_applies,
     ema_decay_for,
@@ -127,19 +128,38 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     assert series.batch_size == 8
     assert series.finetune_epochs * math.ceil(40 / series.batch_size) == 500
 
-    # series: 16 tokens through a 64-channel stem; 10 validation series -> late selection
-    assert (series.token_budget, series.embedder_stem, series.selection_start) == (16, 64, 0.5)
+    # series: 8 tokens through a 64-channel stem; 10 validation series -> late selection
+    assert (series.token_budget, series.embedder_stem, series.selection_start) == (8, 64, 0.5)
     assert {"token_budget", "embedder_stem", "selection_start"} <= set(series.reasons)
     big = resolve_spec(JobSpec(dataset_id="d"), _info(splits={"train": 5000, "test": 100}))
     assert big.selection_start == 0.0  # 1,000 validation rows: any epoch may be selected
     on_gpu = resolve_spec(JobSpec(dataset_id="d"), _info(), device="cuda")
-    assert on_gpu.token_budget == 16
+    assert on_gpu.token_budget == 8
 
     table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
     assert table.augment is False
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
+
+
+def test_auto_mode_tunes_only_layernorms_on_small_training_sets() -> None:
+    def resolved_mode(train_rows: int, mode: str = "auto") -> tuple[str, float]:
+        splits = {"train": train_rows, "val": 20, "test": 10}
+        spec = {"dataset_id": "d", "finetune": {"mode": mode}}
+        resolved = resolve_spec(spec, _info(splits=splits, has_val=True))
+        return resolved.finetune_mode, resolved.lr
+
+    assert JobSpec(dataset_id="d").finetune.mode == "auto"
+    assert resolved_mode(LAYERNORM_BELOW_ROWS - 1) == ("layernorm", pytest.approx(1e-3))
+    assert resolved_mode(LAYERNORM_BELOW_ROWS) == ("full", pytest.approx(1e-4))
+    # an explicit mode is kept whatever the size, and is not explained
+    assert resolved_mode(30, "full")[0] == "full"
+    assert resolved_mode(5000, "layernorm")[0] == "layernorm"
+    small = resolve_spec(JobSpec(dataset_id="d"), _info())
+    assert "LayerNorms" in small.reasons["finetune_mode"]
+    explicit = resolve_spec({"dataset_id": "d", "finetune": {"mode": "full"}}, _info())
+    assert "finetune_mode" not in explicit.reasons
 
 
 # --- embedder stem, late selection, mixup -----------------------------------------------------

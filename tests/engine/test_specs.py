@@ -54,13 +54,16 @@ def test_auto_resolves_to_concrete_values_with_reasons() -> None:
         "otdd",
     )
     assert data["align_auto"] is True and 0 < data["align_epochs"] <= 60
-    assert data["token_budget"] == 16  # series: few long tokens through a conv stem
+    assert data["token_budget"] == 8  # series: few long tokens through a conv stem
     # 50 train rows, 10 held out for val -> 40; batch clip(40 // 8, 8, 64) = 8
     assert data["batch_size"] == 8
     assert 3 <= data["finetune_epochs"] <= 100
-    assert data["lr"] == pytest.approx(1e-4) and data["embedder_lr"] > 0
+    # 40 training rows: only the backbone's LayerNorms train, at the rate for that mode
+    assert data["finetune_mode"] == "layernorm"
+    assert data["lr"] == pytest.approx(1e-3) and data["embedder_lr"] > 0
     auto_fields = {"task_type", "metric", "backbone", "source", "align_epochs", "batch_size"}
-    assert auto_fields | {"finetune_epochs", "lr", "token_budget"} <= set(resolved.reasons)
+    auto_fields |= {"finetune_mode", "finetune_epochs", "lr", "token_budget"}
+    assert auto_fields <= set(resolved.reasons)
     assert all(isinstance(reason, str) and reason for reason in resolved.reasons.values())
     # stored as JSON with the job, rebuilt by the worker and the checkpoint
     assert ResolvedSpec.from_dict(json.loads(json.dumps(data))) == resolved
@@ -121,9 +124,11 @@ def test_resolution_depends_on_data_and_device() -> None:
     few = resolve_spec(JobSpec(dataset_id="d"), _info(splits={"train": 6, "val": 0, "test": 0}))
     assert few.batch_size <= 5  # never more than the training rows left after the val split
 
-    full = resolve_spec(JobSpec(dataset_id="d"), _info())
+    full = resolve_spec({"dataset_id": "d", "finetune": {"mode": "full"}}, _info())
     frozen = resolve_spec({"dataset_id": "d", "finetune": {"mode": "frozen"}}, _info())
-    sgd = resolve_spec({"dataset_id": "d", "finetune": {"optimizer": "sgd"}}, _info())
+    sgd = resolve_spec(
+        {"dataset_id": "d", "finetune": {"mode": "full", "optimizer": "sgd"}}, _info()
+    )
     assert frozen.lr > full.lr and sgd.lr > full.lr
 
 
