@@ -95,6 +95,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"finetune": {"mode": "layernorm"}},
         {**LATE_STEM, "token_budget": 8, "ensemble_members": 5},
     ),
+    "tok4-stem-late-ln-ens5": (
+        {"finetune": {"mode": "layernorm"}},
+        {**LATE_STEM, "token_budget": 4, "ensemble_members": 5},
+    ),
     # one model of whatever else `auto` resolves, all weights or only LayerNorms training
     "one-full": ({"finetune": {"mode": "full"}}, {"ensemble_members": 1}),
     "one-ln": ({"finetune": {"mode": "layernorm"}}, {"ensemble_members": 1}),
