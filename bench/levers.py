@@ -82,10 +82,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     # session 4: fewer tokens still, and tuning only the LayerNorms of the body
     "tok8-stem-late": ({}, {**LATE_STEM, "token_budget": 8}),
-    "tok4-stem-late": ({}, {**LATE_STEM, "token_budget": 4}),
     "tok16-stem-late-ln": ({"finetune": {"mode": "layernorm"}}, {**LATE_STEM, "token_budget": 16}),
     "tok8-stem-late-ln": ({"finetune": {"mode": "layernorm"}}, {**LATE_STEM, "token_budget": 8}),
-    "tok8-stem-late-ens5": ({}, {**LATE_STEM, "token_budget": 8, "ensemble_members": 5}),
     "tok8-stem-late-ln-no-align": (
         {"alignment": {"distance": "none"}, "finetune": {"mode": "layernorm"}},
         {**LATE_STEM, "token_budget": 8},

@@ -932,7 +932,7 @@ def build_report(
             f"| {dataset} | {resolved['finetune_epochs']} | {resolved['batch_size']} | "
             f"{resolved['align_epochs']}{' (auto stop)' if resolved['align_auto'] else ''} | "
             f"{resolved['token_budget']} | {resolved['finetune_mode']} | {resolved['lr']:g} | "
-            f"{resolved.get('ensemble_members', 1)} |"
+            f"{resolved['ensemble_members']} |"
         )
     auc = {
         m: float(np.trapezoid(profile[m], np.log(taus)) / np.log(taus[-1])) for m in profile_methods

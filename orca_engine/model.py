@@ -113,7 +113,8 @@ def _single_from_config(config: dict[str, Any]) -> OrcaModel:
 def set_trainable(model: OrcaModel, mode: str) -> list[str]:
     """Freeze all but the parts ``mode`` trains; returns the trainable parameter names.
 
-    ``full``: everything. ``layernorm`` (the FPT baseline): the backbone's LayerNorms plus the
+    ``full``: everything. ``layernorm`` (the FPT baseline): every normalisation layer of the
+    backbone (its LayerNorms in a transformer; see ``Backbone.norm_parameter_names``) plus the
     whole embedder and head. ``frozen``: the head only. ``embedder``: the embedder only (stage 2).
     """
     if mode not in TRAINABLE_MODES:
@@ -121,7 +122,7 @@ def set_trainable(model: OrcaModel, mode: str) -> list[str]:
             f"unknown fine-tuning mode {mode!r}; expected one of {TRAINABLE_MODES}",
             param="finetune.mode",
         )
-    backbone_norms = {f"backbone.{n}" for n in model.backbone.layernorm_parameter_names()}
+    backbone_norms = {f"backbone.{n}" for n in model.backbone.norm_parameter_names()}
     trainable: list[str] = []
     for name, parameter in model.named_parameters():
         part = name.split(".", 1)[0]

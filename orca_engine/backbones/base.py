@@ -75,12 +75,12 @@ class Backbone(nn.Module):
         """
         return None
 
-    def layernorm_parameter_names(self) -> list[str]:
+    def norm_parameter_names(self) -> list[str]:
         """Names (as in ``named_parameters()``) of every normalisation layer's weight and bias.
 
-        What ``finetune.mode: layernorm`` trains in the body: LayerNorms in a transformer, and in
-        a body without them (a timm CNN, an RMSNorm model) its own norms (BatchNorm, GroupNorm,
-        any ``*Norm`` module), so the mode never silently freezes the whole body.
+        What ``finetune.mode: layernorm`` trains in the body: the LayerNorms of a transformer,
+        and likewise BatchNorm, GroupNorm and any ``*Norm`` module (a timm CNN, an RMSNorm
+        model), so the mode never silently freezes a body that has no LayerNorm.
         """
         return [
             f"{module_name}.{param_name}" if module_name else param_name

@@ -51,7 +51,7 @@ def test_tiny_backbone_surface(name: str) -> None:
     source = backbone.embed_source(native_inputs(backbone))
     assert source.ndim == 3 and source.shape[0] == 2 and source.shape[2] == backbone.embed_dim
 
-    norms = backbone.layernorm_parameter_names()
+    norms = backbone.norm_parameter_names()
     parameter_names = dict(backbone.named_parameters())
     assert norms and set(norms) <= set(parameter_names)
     assert len(norms) < len(parameter_names)

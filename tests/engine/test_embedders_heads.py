@@ -143,7 +143,7 @@ def test_one_train_step_changes_weights(
 def test_set_trainable_modes(backbone: Backbone) -> None:
     model = make_model(backbone, Info("seq1d", (1, 40), ()), "classification", 2)
     every = {n for n, _ in model.named_parameters()}
-    backbone_norms = {f"backbone.{n}" for n in backbone.layernorm_parameter_names()}
+    backbone_norms = {f"backbone.{n}" for n in backbone.norm_parameter_names()}
 
     assert set(set_trainable(model, "full")) == every
     head_only = set(set_trainable(model, "frozen"))
@@ -170,7 +170,7 @@ def test_layernorm_mode_trains_the_norms_of_a_body_without_layernorms() -> None:
     body = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GroupNorm(2, 4), RMSNorm(4)
     )
-    names = Backbone.layernorm_parameter_names(body)  # type: ignore[arg-type]
+    names = Backbone.norm_parameter_names(body)  # type: ignore[arg-type]
     assert names == ["1.weight", "1.bias", "2.weight", "2.bias", "3.weight"]
 
 

@@ -157,7 +157,7 @@ def test_partial_modes_change_only_their_parameters(mode: str) -> None:
     # The backbone's own input embedding layer never sees target data (the embedder replaces it).
     norms = {
         f"backbone.{n}"
-        for n in model.backbone.layernorm_parameter_names()
+        for n in model.backbone.norm_parameter_names()
         if not n.startswith("model.embeddings.")
     }
     if mode == "frozen":
