@@ -2,8 +2,10 @@
 
 The task is ``orca.run_job`` with ``args=[job_id]`` and ``task_id=job_id`` (so a queued job can
 be revoked by its id); a dataset analysis is ``orca.analyze_dataset`` with its analysis id.
-``queue="auto"`` routes to ``gpu`` when any worker listens there, asked by a short broadcast
-whose answer is cached; otherwise, or when the broadcast fails, ``cpu``.
+``queue="auto"`` routes to ``gpu`` when some worker runs its jobs on a CUDA device, asked by a
+short broadcast (the worker's ``orca_devices`` command) whose answer is cached; otherwise, or when
+the broadcast fails, ``cpu``. A worker that merely listens on ``gpu`` without a GPU (the embedded
+worker reads both queues) does not count: ``auto`` jobs would run on its CPU while labelled gpu.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ RUN_JOB_TASK = "orca.run_job"
 ANALYZE_DATASET_TASK = "orca.analyze_dataset"
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
+#: the remote-control command every worker answers with ``{"cuda_devices": n}`` (worker.celery_app)
+DEVICES_COMMAND = "orca_devices"
+
+
+def gpu_worker_in(replies: list[dict[str, Any]] | None) -> bool:
+    """True when a broadcast reply (``[{node: answer}, ...]``) names a worker with a CUDA device.
+
+    Workers that do not know the command answer ``{"error": ...}`` and count as CPU-only.
+    """
+    for reply in replies or []:
+        for answer in (reply or {}).values():
+            devices = answer.get("cuda_devices") if isinstance(answer, dict) else None
+            if isinstance(devices, int) and devices > 0:
+                return True
+    return False
 
 
 class BrokerUnavailable(Exception):
@@ -76,22 +93,18 @@ class JobQueue:
             return self._app
 
     def gpu_workers_available(self) -> bool:
-        """True when some worker consumes the ``gpu`` queue (cached for a while)."""
+        """True when some worker runs its jobs on a CUDA device (cached for a while)."""
         now = time.monotonic()
         if now - self._gpu_checked_at < self._settings.queue_inspect_ttl_seconds:
             return self._gpu_available
         available = False
         try:
-            inspector = self.celery_app.control.inspect(
-                timeout=self._settings.queue_inspect_timeout_seconds
+            replies = self.celery_app.control.broadcast(
+                DEVICES_COMMAND, reply=True, timeout=self._settings.queue_inspect_timeout_seconds
             )
-            replies: dict[str, Any] | None = inspector.active_queues()
-            for queues in (replies or {}).values():
-                if any(q.get("name") == GPU_QUEUE for q in queues or []):
-                    available = True
-                    break
+            available = gpu_worker_in(replies)
         except Exception as exc:  # an unreachable broker or a transport without broadcast
-            logger.info("could not ask workers for their queues (%s); routing to cpu", exc)
+            logger.info("could not ask workers for their devices (%s); routing to cpu", exc)
         self._gpu_available = available
         self._gpu_checked_at = now
         return available

@@ -11,14 +11,22 @@ worker -Q cpu``).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
+from celery.worker.control import inspect_command
 from kombu import Exchange, Queue
 
 from api.config import Settings, get_settings
+from api.queue import DEVICES_COMMAND, GPU_QUEUE
 
 logger = logging.getLogger("orca.worker")
 
@@ -100,6 +108,47 @@ def _reset_db_connections_in_child(**_: Any) -> None:
     from api.db import get_engine
 
     get_engine().dispose(close=False)
+
+
+#: CUDA devices this worker's jobs run on; counted at start-up, and only when it consumes "gpu"
+#: (a worker reading that queue without a GPU runs those jobs on the CPU and reports 0 here)
+_cuda_devices = 0
+
+
+def count_cuda_devices() -> int:
+    """CUDA devices this process may use, counted without initialising CUDA.
+
+    ``torch.cuda.device_count`` asks NVML first, so the prefork pool forked after this call can
+    still use CUDA in its children.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return 0
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of every worker image
+        return 0
+    return int(torch.cuda.device_count())
+
+
+@celeryd_after_setup.connect
+def _count_devices(sender: str, instance: Any, **_: Any) -> None:
+    """Count CUDA devices once, before any job, when this worker consumes the ``gpu`` queue."""
+    global _cuda_devices
+    consumed = set(instance.app.amqp.queues.consume_from)
+    _cuda_devices = count_cuda_devices() if GPU_QUEUE in consumed else 0
+    if GPU_QUEUE in consumed and not _cuda_devices:
+        logger.warning(
+            "worker %s consumes the %r queue but sees no CUDA device: it runs those jobs on the "
+            "CPU, and the API does not route queue 'auto' jobs to it",
+            sender,
+            GPU_QUEUE,
+        )
+
+
+@inspect_command(name=DEVICES_COMMAND)  # type: ignore[untyped-decorator]
+def _report_devices(state: Any) -> dict[str, int]:
+    """The CUDA devices this worker's jobs run on (the API's ``queue: auto`` routing asks)."""
+    return {"cuda_devices": _cuda_devices}
 
 
 @worker_ready.connect

@@ -337,3 +337,13 @@ def test_plots(
     # Curves stored with the job win over events.
     _set_job(database_url, job["id"], metrics={"curves": {"alignment": [3.0, 2.0, 1.0]}})
     assert client.get(f"{base}/alignment.png", headers=auth).status_code == 200
+
+
+def test_auto_routing_counts_only_workers_that_report_a_cuda_device() -> None:
+    from api.queue import gpu_worker_in
+
+    assert gpu_worker_in([{"gpu0@a": {"cuda_devices": 1}}, {"cpu@b": {"cuda_devices": 0}}])
+    assert not gpu_worker_in([{"embedded@a": {"cuda_devices": 0}}])
+    # a worker of an older release does not know the command
+    assert not gpu_worker_in([{"old@a": {"error": "No such command"}}])
+    assert not gpu_worker_in([]) and not gpu_worker_in(None)

@@ -57,6 +57,7 @@ class ClientStack:
     database_url: str
     api: Service
     worker: Service
+    broker_url: str
 
     def logs(self) -> str:
         return f"--- worker log ---\n{self.worker.tail(60)}\n--- api log ---\n{self.api.tail(30)}"
@@ -109,7 +110,9 @@ def client_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientSta
         try:
             worker = start_worker(env, log_dir, queues="cpu,gpu", name="client")
             api_key = create_api_key(database_url, "client-tests")
-            yield ClientStack(f"http://127.0.0.1:{port}", api_key, database_url, api, worker)
+            yield ClientStack(
+                f"http://127.0.0.1:{port}", api_key, database_url, api, worker, broker_url
+            )
         finally:
             if worker is not None:
                 worker.stop()
