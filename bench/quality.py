@@ -1088,7 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
         device=device,
         started=started,
-        img_dir=IMG_DIR,
+        # --no-doc leaves docs/ alone, plots included: they go to a scratch folder
+        img_dir=IMG_DIR if not args.no_doc else Path(tempfile.mkdtemp(prefix="orca-quality-")),
         note=(
             f"`--quick`: seed 0, and the neural methods only on {', '.join(QUICK_NN_DATASETS)} "
             "so that the command stays within 15 minutes on this 2-core CPU (a neural run takes "
