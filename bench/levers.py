@@ -97,6 +97,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"finetune": {"mode": "layernorm"}},
         {**LATE_STEM, "token_budget": 4, "ensemble_members": 5},
     ),
+    # session 5, images: fewer tokens, each built by a conv stem from a neighbourhood of pixels
+    # (everything else as `auto` resolves it, ensemble included)
+    "img16": ({}, {"token_budget": 16, "embedder_stem": 0}),
+    "img16-stem": ({}, {"token_budget": 16, "embedder_stem": 64}),
+    "img4-stem": ({}, {"token_budget": 4, "embedder_stem": 64}),
+    "img9-stem": ({}, {"token_budget": 9, "embedder_stem": 64}),
+    "img64": ({}, {"token_budget": 64, "embedder_stem": 0}),
+    "img16-stem-no-align": (
+        {"alignment": {"distance": "none"}},
+        {"token_budget": 16, "embedder_stem": 64},
+    ),
+    # session 5, series: the stem also reads first differences (one model, then the ensemble)
+    "one-deriv": ({}, {"ensemble_members": 1, "embedder_derivative": True}),
+    "auto-deriv": ({}, {"embedder_derivative": True}),
+    # session 5, tables: any epoch may be selected (regression metrics are continuous)
+    "sel0": ({}, {"selection_start": 0.0}),
     # one model of whatever else `auto` resolves, all weights or only LayerNorms training
     "one-full": ({"finetune": {"mode": "full"}}, {"ensemble_members": 1}),
     "one-ln": ({"finetune": {"mode": "layernorm"}}, {"ensemble_members": 1}),

@@ -10,7 +10,6 @@ length L gives ``ceil(L / p)`` tokens, never a single collapsed one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +30,11 @@ def sequence_patch_size(length: int, max_tokens: int) -> int:
 def stem_kernel(patch_size: int) -> int:
     """Odd window of the sequence stem: about two patches long, 3 to 15 steps."""
     return min(max(3, 2 * patch_size + 1), 15)
+
+
+def image_stem_kernel(patch_size: int) -> int:
+    """Odd square window of the image stem: a patch and its neighbours, 3 to 7 pixels."""
+    return min(max(3, 2 * patch_size + 1), 7)
 
 
 def image_patch_size(height: int, width: int, max_tokens: int, *, start: int = 1) -> int:
@@ -132,6 +136,7 @@ class SequenceEmbedder(Embedder):
         *,
         input_kind: str = "seq1d",
         stem_channels: int = 0,
+        derivative: bool = False,
     ) -> None:
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
         n_tokens = math.ceil(length / patch_size)
@@ -147,6 +152,9 @@ class SequenceEmbedder(Embedder):
         self.length = int(length)
         self.pad = n_tokens * patch_size - self.length
         self.stem_channels = int(stem_channels)
+        # Optionally each channel's first difference is read beside it (twice the channels).
+        self.derivative = bool(derivative)
+        channels = int(channels) * (2 if self.derivative else 1)
         # Optional local feature stem: a same-length conv + GELU whose window spans a patch and
         # its neighbours, so each token carries shape features (slopes, peaks), not raw values.
         self.stem: nn.Module | None = None
@@ -163,6 +171,9 @@ class SequenceEmbedder(Embedder):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tabular rows read as a one-channel sequence
             x = x.unsqueeze(1)
+        if self.derivative:
+            step = torch.diff(x, dim=-1, prepend=x[..., :1])
+            x = torch.cat([x, step], dim=1)
         if self.stem is not None:
             x = self.stem(x)
         if self.pad:
@@ -170,7 +181,10 @@ class SequenceEmbedder(Embedder):
         return self.proj(x).transpose(1, 2)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "stem_channels": self.stem_channels}
+        config = {**super().config(), "stem_channels": self.stem_channels}
+        if self.derivative:  # absent in bundles written before the option existed
+            config["derivative"] = True
+        return config
 
 
 class ImageEmbedder(Embedder):
@@ -185,6 +199,8 @@ class ImageEmbedder(Embedder):
         embed_dim: int,
         patch_size: int,
         backbone: Backbone | None = None,
+        *,
+        stem_channels: int = 0,
     ) -> None:
         channels, height, width = sample_shape
         grid = (math.ceil(height / patch_size), math.ceil(width / patch_size))
@@ -198,12 +214,29 @@ class ImageEmbedder(Embedder):
         )
         self.pad_bottom = grid[0] * patch_size - int(height)
         self.pad_right = grid[1] * patch_size - int(width)
-        self.proj = nn.Conv2d(int(channels), embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stem_channels = int(stem_channels)
+        # Optional local feature stem, as for sequences: a same-size conv + GELU whose window
+        # spans a patch and its neighbours, so a token carries edges and strokes, not raw pixels.
+        self.stem: nn.Module | None = None
+        proj_in = int(channels)
+        if self.stem_channels > 0:
+            kernel = image_stem_kernel(patch_size)
+            self.stem = nn.Sequential(
+                nn.Conv2d(int(channels), self.stem_channels, kernel, padding=kernel // 2),
+                nn.GELU(),
+            )
+            proj_in = self.stem_channels
+        self.proj = nn.Conv2d(proj_in, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
         if self.pad_bottom or self.pad_right:
             x = F.pad(x, (0, self.pad_right, 0, self.pad_bottom))
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "stem_channels": self.stem_channels}
 
 
 class TabularEmbedder(Embedder):
@@ -257,6 +290,7 @@ def create_embedder(
     *,
     token_budget: int,
     stem_channels: int = 0,
+    derivative: bool = False,
 ) -> Embedder:
     """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``."""
     sample_shape = tuple(int(s) for s in sample_shape)
@@ -270,25 +304,20 @@ def create_embedder(
             sequence_patch_size(sample_shape[1], cap),
             backbone,
             stem_channels=stem_channels,
+            derivative=derivative,
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
         native = int(getattr(backbone, "patch_size", 1)) if backbone.family == "vision" else 1
         if math.ceil(height / native) * math.ceil(image_width / native) > cap:
             native = image_patch_size(height, image_width, cap, start=native)
-        return ImageEmbedder(sample_shape, width, native, backbone)
+        return ImageEmbedder(sample_shape, width, native, backbone, stem_channels=stem_channels)
     (n_features,) = sample_shape
     if n_features <= cap:
         return TabularEmbedder(sample_shape, width, 1, backbone)
     return SequenceEmbedder(
         sample_shape, width, sequence_patch_size(n_features, cap), backbone, input_kind="tabular"
     )
-
-
-_FROM_CONFIG: dict[str, Callable[..., Embedder]] = {
-    "seq1d": SequenceEmbedder,
-    "image2d": ImageEmbedder,
-}
 
 
 def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = None) -> Embedder:
@@ -300,9 +329,12 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
         if config.get("layout", "per_feature") == "per_feature":
             return TabularEmbedder(shape, width, 1, backbone)
         return SequenceEmbedder(shape, width, patch, backbone, input_kind="tabular")
+    stem = int(config.get("stem_channels", 0))
     if kind == "seq1d":
-        stem = int(config.get("stem_channels", 0))
-        return SequenceEmbedder(shape, width, patch, backbone, stem_channels=stem)
-    if kind not in _FROM_CONFIG:
-        raise SpecError(f"unknown embedder input kind {kind!r}")
-    return _FROM_CONFIG[kind](shape, width, patch, backbone)
+        derivative = bool(config.get("derivative", False))
+        return SequenceEmbedder(
+            shape, width, patch, backbone, stem_channels=stem, derivative=derivative
+        )
+    if kind == "image2d":
+        return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)
+    raise SpecError(f"unknown embedder input kind {kind!r}")

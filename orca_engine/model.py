@@ -61,6 +61,7 @@ def build_model(
     token_budget: int,
     allow_random_init: bool = False,
     stem_channels: int = 0,
+    derivative: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -74,6 +75,7 @@ def build_model(
         backbone,
         token_budget=token_budget,
         stem_channels=stem_channels,
+        derivative=derivative,
     )
     head = create_head(
         task_type,

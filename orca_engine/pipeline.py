@@ -309,6 +309,7 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         backbone=backbone,
         token_budget=rspec.token_budget,
         stem_channels=rspec.embedder_stem,
+        derivative=rspec.embedder_derivative,
     )
 
 

@@ -7,11 +7,13 @@ per choice in ``ResolvedSpec.reasons`` so a user can see why.
 
 Defaults aim at a CPU job on a small dataset finishing in minutes:
 
-* ``token_budget``: series 8 tokens through a 64-channel conv stem (``embedder_stem``); other
-  inputs 64 tokens per sample on CPU, 128 on CUDA (the embedder and backbone may cap it further,
-  e.g. to the backbone's 512 positions or to the sample's length);
-* ``selection_start``: with fewer than 100 validation rows, checkpoints are selected only from
-  half the epochs on;
+* ``token_budget``: series 8 tokens through a 64-channel conv stem (``embedder_stem``); images
+  on a text backbone (point tasks) 4 tokens through a 64-channel conv stem, more when a patch
+  would exceed 8 pixels a side; other inputs 64 tokens per sample on CPU, 128 on CUDA (the
+  embedder and backbone may cap it further, e.g. to the backbone's 512 positions or to the
+  sample's length);
+* ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
+  selected only from half the epochs on (regression: any epoch);
 * ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
   training-sample passes (small datasets), else 1;
 * ``batch_size``: ``clip(n_train // 8, 8, 64)``, never more than the training rows;
@@ -62,11 +64,23 @@ TOKEN_BUDGET = {"cpu": 64, "cuda": 128}
 SEQUENCE_TOKEN_BUDGET = 8
 #: channels of the conv stem in front of a series' patch projection (0 would turn it off)
 SEQUENCE_STEM_CHANNELS = 64
+#: images read by a text backbone get few tokens too, each built by a conv stem from a patch and
+#: its neighbours (docs/QUALITY.md, session 5: 8x8 digits 0.77 at 64 one-pixel tokens, 0.98 at
+#: 16 tokens of 2x2, 0.99 at 4 tokens of 4x4)
+IMAGE_TOKEN_BUDGET = 4
+IMAGE_STEM_CHANNELS = 64
+#: ... unless patches would then exceed this side: a larger image gets more tokens instead (up to
+#: TOKEN_BUDGET), keeping patches near what vision transformers use on small images (a guard,
+#: not a measurement: the only images that ship here are 8x8)
+IMAGE_MAX_PATCH = 8
 #: below this many validation samples, one lucky sample can crown an under-trained early epoch,
 #: so checkpoints are selected only from the early-stopping floor on
 SMALL_VAL_SPLIT = 100
 #: where selection starts on a small validation split (the early-stopping floor, refine.py)
 LATE_SELECTION_START = 0.5
+#: ... for classification only: a regression error is continuous, so one sample cannot crown an
+#: epoch, and on small tables the best epoch came early (docs/QUALITY.md, session 5)
+REGRESSION_TASKS = ("regression", "dense_regression")
 TARGET_STEPS = {"cpu": 500, "cuda": 2000}
 ALIGN_EPOCH_CAP = {"cpu": 30, "cuda": 60}
 MIN_FINETUNE_EPOCHS, MAX_FINETUNE_EPOCHS = 3, 100
@@ -247,8 +261,10 @@ class ResolvedSpec(BaseModel):
     augment: bool = False
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    #: channels of the sequence embedder's conv stem (0: patches are projected directly)
+    #: channels of the sequence or image embedder's conv stem (0: patches are projected directly)
     embedder_stem: Annotated[int, Field(ge=0)] = 0
+    #: series: the stem also reads each channel's first difference (a lever under measurement)
+    embedder_derivative: bool = False
     #: share of the fine-tuning epochs before which no checkpoint is selected
     selection_start: Annotated[float, Field(ge=0, le=1)] = 0.0
     #: mixup strength for single-label classification (0: off)
@@ -376,6 +392,14 @@ def _check_compatibility(spec: JobSpec, info: DatasetInfo, task_type: str, metri
         )
 
 
+def image_token_budget(sample_shape: Sequence[int], cap: int) -> int:
+    """Tokens for a ``(C, H, W)`` image on a text backbone: IMAGE_TOKEN_BUDGET, or as many as
+    keep patches within IMAGE_MAX_PATCH a side, never above ``cap``."""
+    height, width = int(sample_shape[-2]), int(sample_shape[-1])
+    cells = math.ceil(height / IMAGE_MAX_PATCH) * math.ceil(width / IMAGE_MAX_PATCH)
+    return min(max(IMAGE_TOKEN_BUDGET, cells), cap)
+
+
 def resolve_spec(
     spec: JobSpec | dict[str, Any],
     info: DatasetInfo,
@@ -470,29 +494,44 @@ def resolve_spec(
             "frozen": "only the head trains",
         }[mode]
         reasons["lr"] = f"{optimizer} with mode {mode} ({trained})"
+    general_budget = min(TOKEN_BUDGET[kind], BACKBONE_MAX_POSITIONS)
+    embedder_stem = 0
     if info.input_kind == "seq1d":
-        token_budget = SEQUENCE_TOKEN_BUDGET
+        token_budget, embedder_stem = SEQUENCE_TOKEN_BUDGET, SEQUENCE_STEM_CHANNELS
         reasons["token_budget"] = (
             f"{token_budget} tokens per series, each a stretch of the series seen through a conv "
             "stem (measured in docs/QUALITY.md; the embedder may use fewer)"
         )
+    elif info.input_kind == "image2d" and family != "vision" and not task_type.startswith("dense_"):
+        token_budget = image_token_budget(info.sample_shape, general_budget)
+        embedder_stem = IMAGE_STEM_CHANNELS
+        reasons["token_budget"] = (
+            f"{token_budget} tokens per image, each a patch seen through a conv stem (measured "
+            "in docs/QUALITY.md; more only when a patch would exceed "
+            f"{IMAGE_MAX_PATCH} pixels a side)"
+        )
     else:
-        token_budget = min(TOKEN_BUDGET[kind], BACKBONE_MAX_POSITIONS)
+        token_budget = general_budget
         reasons["token_budget"] = (
             f"{token_budget} tokens per sample on {kind} (the embedder may use fewer)"
         )
-    embedder_stem = SEQUENCE_STEM_CHANNELS if info.input_kind == "seq1d" else 0
     reasons["embedder_stem"] = (
         f"a {embedder_stem}-channel conv stem gives each token local shape features"
         if embedder_stem
         else f"no stem for {info.input_kind} inputs"
+        + (" on a vision backbone" if family == "vision" else "")
+        + (f" on {task_type}" if task_type.startswith("dense_") else "")
     )
     n_val = validation_size(info)
-    selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT else 0.0
+    regression = task_type in REGRESSION_TASKS
+    selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT and not regression else 0.0
     reasons["selection_start"] = (
         f"checkpoints are selected from epoch {math.ceil(selection_start * int(finetune_epochs))} "
         f"on: {n_val} validation samples are too few to trust an early epoch's score"
         if selection_start
+        else f"any epoch may be selected: a {task_type} error moves smoothly, and its best epoch "
+        "is often an early one (docs/QUALITY.md)"
+        if regression and n_val < SMALL_VAL_SPLIT
         else f"any epoch may be selected ({n_val} validation samples)"
     )
     reasons["embedder_lr"] = "fixed learning rate for training the embedder during alignment"

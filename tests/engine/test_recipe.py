@@ -14,7 +14,12 @@ from torch import nn
 
 from orca_engine.augment import augment_batch
 from orca_engine.backbones import create_backbone
-from orca_engine.embedders import create_embedder, embedder_from_config, stem_kernel
+from orca_engine.embedders import (
+    create_embedder,
+    embedder_from_config,
+    image_stem_kernel,
+    stem_kernel,
+)
 from orca_engine.refine import WeightAverage, mixup_pairs, refine
 from orca_engine.specs import (
     EMA_HORIZON_STEPS,
@@ -136,11 +141,35 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     on_gpu = resolve_spec(JobSpec(dataset_id="d"), _info(), device="cuda")
     assert on_gpu.token_budget == 8
 
+    # small images on the text backbone: 4 tokens through a stem; larger ones keep patches small
+    digits = _info(input_kind="image2d", sample_shape=(1, 8, 8))
+    image = resolve_spec(JobSpec(dataset_id="d"), digits)
+    assert (image.token_budget, image.embedder_stem) == (4, 64)
+    assert "conv stem" in image.reasons["token_budget"]
+    mnist_like = _info(input_kind="image2d", sample_shape=(1, 28, 28))
+    assert resolve_spec(JobSpec(dataset_id="d"), mnist_like).token_budget == 16  # 4 x 4 of 7 px
+    huge = _info(input_kind="image2d", sample_shape=(3, 512, 512))
+    assert resolve_spec(JobSpec(dataset_id="d"), huge).token_budget == 64  # the CPU budget caps it
+    assert resolve_spec(JobSpec(dataset_id="d"), huge, device="cuda").token_budget == 128
+    # a vision backbone reads images with its own patches, and dense maps keep one-pixel detail
+    vision = resolve_spec(JobSpec(dataset_id="d", backbone="tiny-vit"), digits)
+    assert (vision.token_budget, vision.embedder_stem) == (64, 0)
+    dense = _info(
+        input_kind="image2d",
+        sample_shape=(1, 8, 8),
+        label_shape=(8, 8),
+        **{**REGRESSION, "task_type": "dense_regression"},
+    )
+    assert (resolve_spec(JobSpec(dataset_id="d"), dense).embedder_stem, 0)[0] == 0
+
     table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
     assert table.augment is False
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
+    # the same 10 validation rows, but a continuous error: any epoch may be selected
+    assert regression.selection_start == 0.0
+    assert "any epoch" in regression.reasons["selection_start"]
 
 
 def test_auto_mode_tunes_only_layernorms_on_small_training_sets() -> None:
@@ -180,6 +209,48 @@ def test_sequence_stem_keeps_the_token_count_and_survives_a_rebuild() -> None:
     # bundles written before the stem existed have no key and rebuild without one
     old = {k: v for k, v in plain.config().items() if k != "stem_channels"}
     assert embedder_from_config(old, backbone).stem is None
+
+
+def test_image_stem_keeps_the_grid_and_survives_a_rebuild() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    stem = create_embedder("image2d", (1, 8, 8), backbone, token_budget=16, stem_channels=8)
+    plain = create_embedder("image2d", (1, 8, 8), backbone, token_budget=16)
+    x = torch.randn(3, 1, 8, 8)
+    assert stem(x).shape == plain(x).shape == (3, 16, backbone.embed_dim)  # 2 x 2 patches
+    assert stem.config()["stem_channels"] == 8 and plain.stem is None
+    assert [image_stem_kernel(p) for p in (1, 2, 3, 16)] == [3, 5, 7, 7]
+    rebuilt = embedder_from_config(stem.config(), backbone)
+    rebuilt.load_state_dict(stem.state_dict())
+    torch.testing.assert_close(rebuilt(x), stem(x))
+    # a pixel reaches the tokens of its neighbouring patches through the stem, not beyond
+    zero = torch.zeros(1, 1, 8, 8)
+    bumped = zero.clone()
+    bumped[0, 0, 2, 2] = 3.0  # top-left pixel of grid cell (1, 1); the 5 x 5 window spans 0..4
+    moved = (stem(bumped) - stem(zero)).abs().sum(-1)[0].reshape(4, 4)
+    assert moved[0, 0] > 0 and moved[1, 1] > 0 and moved[2, 2] > 0  # cells 0..2 see it
+    assert moved[3].sum() == 0 and moved[:, 3].sum() == 0  # pixels 6..7: out of reach
+
+
+def test_derivative_channels_feed_the_stem_and_survive_a_rebuild() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    embedder = create_embedder(
+        "seq1d", (2, 40), backbone, token_budget=8, stem_channels=8, derivative=True
+    )
+    assert embedder.stem is not None and embedder.stem[0].in_channels == 4  # 2 + 2 differences
+    x = torch.randn(3, 2, 40)
+    rebuilt = embedder_from_config(embedder.config(), backbone)
+    rebuilt.load_state_dict(embedder.state_dict())
+    torch.testing.assert_close(rebuilt(x), embedder(x))
+    plain = create_embedder("seq1d", (2, 40), backbone, token_budget=8, stem_channels=8)
+    assert "derivative" not in plain.config()
+    # with the stem deaf to the values, only the differences remain: an offset changes nothing
+    with torch.no_grad():
+        embedder.stem[0].weight[:, :2].zero_()
+    torch.testing.assert_close(embedder(x + 5.0), embedder(x))
+    with torch.no_grad():
+        embedder.stem[0].weight[:, 2:].zero_()
+        embedder.stem[0].weight[:, :2].fill_(0.1)
+    assert not torch.allclose(embedder(x + 5.0), embedder(x))
 
 
 def test_stem_makes_tokens_depend_on_neighbouring_patches() -> None:

@@ -118,9 +118,9 @@ def test_resolution_depends_on_data_and_device() -> None:
     large = resolve_spec(JobSpec(dataset_id="d"), large_info)
     assert large.batch_size == 64
     assert tiny.finetune_epochs > large.finetune_epochs >= 3
-    image = _info(input_kind="image2d", sample_shape=(1, 32, 32))
-    assert resolve_spec(JobSpec(dataset_id="d"), image, device="cuda:0").token_budget == 128
-    assert resolve_spec(JobSpec(dataset_id="d"), image).token_budget == 64
+    wide = _info(input_kind="tabular", sample_shape=(300,))
+    assert resolve_spec(JobSpec(dataset_id="d"), wide, device="cuda:0").token_budget == 128
+    assert resolve_spec(JobSpec(dataset_id="d"), wide).token_budget == 64
     few = resolve_spec(JobSpec(dataset_id="d"), _info(splits={"train": 6, "val": 0, "test": 0}))
     assert few.batch_size <= 5  # never more than the training rows left after the val split
 
