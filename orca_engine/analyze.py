@@ -310,6 +310,7 @@ def analyze_transferability(
     callbacks: Callbacks | None = None,
     proxy_cache_dir: str | Path | None = None,
     token_budget: int | None = None,
+    stem_channels: int = 0,
     allow_random_init: bool = False,
     progress_stage: str = "analyze",
 ) -> AnalysisResult:
@@ -318,7 +319,8 @@ def analyze_transferability(
     Each candidate gets the same sample, the same seed and a freshly initialised embedder, so
     only the backbone and the proxy differ. A candidate that cannot run here (backbone not
     installed, proxy of the wrong family, bad proxy file) is reported as skipped with the reason;
-    cancellation (``callbacks.cancelled()``) stops the whole analysis.
+    cancellation (``callbacks.cancelled()``) stops the whole analysis. A job passes its own
+    ``token_budget`` and ``stem_channels`` so the embedders measured are the one it will train.
     """
     from orca_engine.align import align_embedder, alignment_labels
     from orca_engine.backbones import create_backbone
@@ -382,6 +384,7 @@ def analyze_transferability(
                 out_dim=info.out_dim,
                 backbone=backbone,
                 token_budget=budget,
+                stem_channels=stem_channels,
             )
             aligned = align_embedder(
                 model,

@@ -193,6 +193,7 @@ def _choose_backbone_and_source(
             callbacks=callbacks,
             proxy_cache_dir=context.proxy_cache_dir,
             token_budget=rspec.token_budget,
+            stem_channels=rspec.embedder_stem,
             allow_random_init=rspec.allow_random_init,
             progress_stage="prepare",
         )

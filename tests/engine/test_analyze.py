@@ -330,3 +330,22 @@ def test_a_resumed_auto_job_keeps_its_first_choice(
     )
     assert result.resolved_spec["backbone"] == "tiny-roberta"
     assert not any(data and data.get("param") == "backbone_source" for _, _, data in second.events)
+
+
+def test_the_analysis_measures_the_embedder_a_job_would_train(
+    known_case: dict[str, Path], tmp_path: Path
+) -> None:
+    # A job passes its stem: the measured embedder then has one, and starts elsewhere.
+    dataset = load_dataset(known_case["target"])
+    pair = [Candidate("tiny-bert", "english-text")]
+    common: dict[str, Any] = {
+        "sample_size": 32,
+        "align_epochs": 1,
+        "proxy_cache_dir": tmp_path,
+        "allow_random_init": True,
+        "token_budget": 4,
+    }
+    plain = analyze_transferability(dataset, pair, **common)
+    stem = analyze_transferability(dataset, pair, stem_channels=8, **common)
+    assert plain.best is not None and stem.best is not None
+    assert stem.best.before != pytest.approx(plain.best.before)
