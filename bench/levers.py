@@ -104,6 +104,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "img4-stem": ({}, {"token_budget": 4, "embedder_stem": 64}),
     "img9-stem": ({}, {"token_budget": 9, "embedder_stem": 64}),
     "img64": ({}, {"token_budget": 64, "embedder_stem": 0}),
+    "img4-stem-no-align": (
+        {"alignment": {"distance": "none"}},
+        {"token_budget": 4, "embedder_stem": 64},
+    ),
     "img16-stem-no-align": (
         {"alignment": {"distance": "none"}},
         {"token_budget": 16, "embedder_stem": 64},
@@ -113,6 +117,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "auto-deriv": ({}, {"embedder_derivative": True}),
     # session 5, tables: any epoch may be selected (regression metrics are continuous)
     "sel0": ({}, {"selection_start": 0.0}),
+    "sel-late": ({}, {"selection_start": 0.5}),
     # one model of whatever else `auto` resolves, all weights or only LayerNorms training
     "one-full": ({"finetune": {"mode": "full"}}, {"ensemble_members": 1}),
     "one-ln": ({"finetune": {"mode": "layernorm"}}, {"ensemble_members": 1}),
