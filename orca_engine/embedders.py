@@ -27,14 +27,29 @@ def sequence_patch_size(length: int, max_tokens: int) -> int:
     return max(1, math.ceil(length / max(1, max_tokens)))
 
 
-def stem_kernel(patch_size: int) -> int:
-    """Odd window of the sequence stem: about two patches long, 3 to 15 steps."""
-    return min(max(3, 2 * patch_size + 1), 15)
+#: widest stem window: series steps, and image pixels a side (a square window costs its square)
+SEQUENCE_STEM_MAX_KERNEL, IMAGE_STEM_MAX_KERNEL = 15, 7
 
 
-def image_stem_kernel(patch_size: int) -> int:
-    """Odd square window of the image stem: a patch and its neighbours, 3 to 7 pixels."""
-    return min(max(3, 2 * patch_size + 1), 7)
+def stem_kernel(patch_size: int, *, largest: int = SEQUENCE_STEM_MAX_KERNEL) -> int:
+    """Odd stem window spanning a patch and its neighbours: 2 * patch + 1, within 3..``largest``."""
+    return min(max(3, 2 * patch_size + 1), largest)
+
+
+def local_stem(
+    conv: type[nn.Conv1d] | type[nn.Conv2d], in_channels: int, stem_channels: int, kernel: int
+) -> nn.Sequential | None:
+    """Same-size ``conv`` + GELU in front of a patch projection; None when ``stem_channels`` is 0.
+
+    Each token is then built from local features (slopes and peaks of a series, edges and strokes
+    of an image) of its patch and the neighbours the window reaches, not from raw values.
+    """
+    if stem_channels <= 0:
+        return None
+    return nn.Sequential(
+        conv(in_channels, stem_channels, kernel, padding=kernel // 2),
+        nn.GELU(),
+    )
 
 
 def image_patch_size(height: int, width: int, max_tokens: int, *, start: int = 1) -> int:
@@ -155,17 +170,8 @@ class SequenceEmbedder(Embedder):
         # Optionally each channel's first difference is read beside it (twice the channels).
         self.derivative = bool(derivative)
         channels = int(channels) * (2 if self.derivative else 1)
-        # Optional local feature stem: a same-length conv + GELU whose window spans a patch and
-        # its neighbours, so each token carries shape features (slopes, peaks), not raw values.
-        self.stem: nn.Module | None = None
-        proj_in = int(channels)
-        if self.stem_channels > 0:
-            kernel = stem_kernel(patch_size)
-            self.stem = nn.Sequential(
-                nn.Conv1d(int(channels), self.stem_channels, kernel, padding=kernel // 2),
-                nn.GELU(),
-            )
-            proj_in = self.stem_channels
+        self.stem = local_stem(nn.Conv1d, channels, self.stem_channels, stem_kernel(patch_size))
+        proj_in = channels if self.stem is None else self.stem_channels
         self.proj = nn.Conv1d(proj_in, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,17 +221,9 @@ class ImageEmbedder(Embedder):
         self.pad_bottom = grid[0] * patch_size - int(height)
         self.pad_right = grid[1] * patch_size - int(width)
         self.stem_channels = int(stem_channels)
-        # Optional local feature stem, as for sequences: a same-size conv + GELU whose window
-        # spans a patch and its neighbours, so a token carries edges and strokes, not raw pixels.
-        self.stem: nn.Module | None = None
-        proj_in = int(channels)
-        if self.stem_channels > 0:
-            kernel = image_stem_kernel(patch_size)
-            self.stem = nn.Sequential(
-                nn.Conv2d(int(channels), self.stem_channels, kernel, padding=kernel // 2),
-                nn.GELU(),
-            )
-            proj_in = self.stem_channels
+        kernel = stem_kernel(patch_size, largest=IMAGE_STEM_MAX_KERNEL)
+        self.stem = local_stem(nn.Conv2d, int(channels), self.stem_channels, kernel)
+        proj_in = int(channels) if self.stem is None else self.stem_channels
         self.proj = nn.Conv2d(proj_in, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ from torch import nn
 from orca_engine.augment import augment_batch
 from orca_engine.backbones import create_backbone
 from orca_engine.embedders import (
+    IMAGE_STEM_MAX_KERNEL,
     create_embedder,
     embedder_from_config,
-    image_stem_kernel,
     stem_kernel,
 )
 from orca_engine.refine import WeightAverage, mixup_pairs, refine
@@ -160,7 +160,7 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
         label_shape=(8, 8),
         **{**REGRESSION, "task_type": "dense_regression"},
     )
-    assert (resolve_spec(JobSpec(dataset_id="d"), dense).embedder_stem, 0)[0] == 0
+    assert resolve_spec(JobSpec(dataset_id="d"), dense).embedder_stem == 0
 
     table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
     assert table.augment is False
@@ -218,7 +218,7 @@ def test_image_stem_keeps_the_grid_and_survives_a_rebuild() -> None:
     x = torch.randn(3, 1, 8, 8)
     assert stem(x).shape == plain(x).shape == (3, 16, backbone.embed_dim)  # 2 x 2 patches
     assert stem.config()["stem_channels"] == 8 and plain.stem is None
-    assert [image_stem_kernel(p) for p in (1, 2, 3, 16)] == [3, 5, 7, 7]
+    assert [stem_kernel(p, largest=IMAGE_STEM_MAX_KERNEL) for p in (1, 2, 3, 16)] == [3, 5, 7, 7]
     rebuilt = embedder_from_config(stem.config(), backbone)
     rebuilt.load_state_dict(stem.state_dict())
     torch.testing.assert_close(rebuilt(x), stem(x))
