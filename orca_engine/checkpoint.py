@@ -2,7 +2,7 @@
 
 A *bundle* is a directory a user can download and rebuild without the code that trained it::
 
-    model.safetensors   embedder + backbone + head weights
+    model.safetensors   embedder + backbone + head weights (each distinct tensor stored once)
     config.json         format version, resolved spec, model config, normaliser, label map, ...
     metrics.json        {"val": {...}, "test": {...}, "alignment": {"before", "after"}}
     curves.json         {"alignment": [...], "refine": [...per-epoch history...]}
@@ -14,6 +14,7 @@ to a temporary file and ``os.replace``-d over the old one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.json"
-# safetensors metadata key listing state-dict names stored once because they share memory
+# safetensors metadata key listing state-dict names stored once because they share memory or
+# hold exactly the same values as another entry (an ensemble's untouched backbone weights)
 _ALIASES_KEY = "orca_aliases"
 
 
@@ -107,16 +109,26 @@ def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     )
 
 
+def _content_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """dtype, shape and a digest of the bytes of a contiguous CPU tensor."""
+    raw = tensor.reshape(-1).view(torch.uint8).numpy()
+    return (tensor.dtype, tuple(tensor.shape), hashlib.blake2b(raw.data, digest_size=16).digest())
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
-    """``model.state_dict()`` as safetensors: contiguous CPU tensors, tied weights stored once.
+    """``model.state_dict()`` as safetensors: contiguous CPU tensors, each distinct one stored once.
 
     safetensors refuses tensors that share memory. A state-dict entry that is exactly another
-    entry (tied weights) is dropped and recorded as an alias in the file's metadata; entries that
-    merely overlap another's storage are copied so each is stored on its own.
+    entry (tied weights) or holds exactly the same values as an earlier one is dropped and
+    recorded as an alias in the file's metadata. With a LayerNorm-only ensemble that is most of
+    the file: the members' frozen backbone weights are identical, so they are written once instead
+    of once per member. Entries that merely overlap another's storage are copied so each is stored
+    on its own.
     """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name_of_view: dict[tuple[Any, ...], str] = {}
+    first_name_of_content: dict[tuple[Any, ...], str] = {}
     storages_seen: set[tuple[Any, ...]] = set()
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach()
@@ -131,18 +143,46 @@ def save_weights(model: nn.Module, path: Path) -> None:
         cpu_tensor = tensor.to("cpu")
         if shares_storage:
             cpu_tensor = cpu_tensor.clone()
-        tensors[name] = cpu_tensor.contiguous()
+        cpu_tensor = cpu_tensor.contiguous()
+        content = _content_key(cpu_tensor)
+        same = first_name_of_content.get(content)
+        if same is not None and torch.equal(tensors[same], cpu_tensor):
+            aliases[name] = same
+            continue
+        first_name_of_content.setdefault(content, name)
+        tensors[name] = cpu_tensor
     save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases)})
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load :func:`save_weights` output into ``model`` strictly (every key present, none extra)."""
+def load_weights(model: nn.Module, path: Path, *, share_identical: bool = False) -> None:
+    """Load :func:`save_weights` output into ``model`` strictly (every key present, none extra).
+
+    ``share_identical``: entries stored once are then one tensor in memory too (an ensemble's
+    members share their frozen backbone weights). Only for a model used for inference: training
+    it would update a shared weight on behalf of every member that holds it.
+    """
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    for alias, stored_as in json.loads(metadata.get(_ALIASES_KEY, "{}")).items():
+    aliases: dict[str, str] = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+    for alias, stored_as in aliases.items():
         tensors[alias] = tensors[stored_as]
     model.load_state_dict(tensors, strict=True)
+    if share_identical:
+        _share_aliases(model, aliases)
+
+
+def _share_aliases(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Point each aliased parameter or buffer at the tensor of the entry it was stored as."""
+    for alias, stored_as in aliases.items():
+        owner_path, _, attribute = alias.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        if attribute in owner._parameters:
+            source = model.get_parameter(stored_as)
+            if owner._parameters[attribute] is not source:
+                owner._parameters[attribute] = source
+        elif attribute in owner._buffers:
+            owner._buffers[attribute] = model.get_buffer(stored_as)
 
 
 # --- bundles ---------------------------------------------------------------------------------
@@ -211,13 +251,18 @@ def read_bundle_config(bundle_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_bundle(bundle_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``config.json`` alone (no pretrained download) and load its weights."""
+def load_bundle(
+    bundle_dir: str | Path, *, share_identical: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` alone (no pretrained download) and load its weights.
+
+    ``share_identical``: see :func:`load_weights` (prediction sets it; a model to train must not).
+    """
     from orca_engine.model import model_from_config
 
     bundle_dir = Path(bundle_dir)
     config = read_bundle_config(bundle_dir)
     model = model_from_config(config["model"])
-    load_weights(model, bundle_dir / WEIGHTS_FILE)
+    load_weights(model, bundle_dir / WEIGHTS_FILE, share_identical=share_identical)
     model.eval()
     return model, config

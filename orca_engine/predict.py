@@ -137,5 +137,6 @@ class Predictor:
 
 def load_model(bundle_dir: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
     """Load a bundle written by :func:`orca_engine.checkpoint.save_bundle` for prediction."""
-    model, config = load_bundle(bundle_dir)
+    # Prediction only reads the weights: members' identical backbone weights are held once.
+    model, config = load_bundle(bundle_dir, share_identical=True)
     return Predictor(model, config, device=resolve_device(device))

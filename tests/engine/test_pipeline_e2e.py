@@ -175,8 +175,20 @@ def test_a_cross_fitted_ensemble_resumes_inside_a_member_and_reloads(
     # three members' weights in one bundle, reloaded as one model whose predictions are the
     # test outputs the job scored
     assert any(name.startswith("members.2.") for name in got)
+    # LayerNorm-only members keep the same frozen body: the file stores it once (members 1
+    # and 2 store only what trained) and prediction holds it once in memory
+    assert straight.resolved_spec["finetune_mode"] == "layernorm"
+    stored_by_member = [sum(n.startswith(f"members.{i}.") for n in got) for i in range(3)]
+    assert stored_by_member[1] == stored_by_member[2] < stored_by_member[0] / 2
     predictor = load_model(resumed.bundle_dir)
     assert type(predictor.model).__name__ == "EnsembleModel"
+    members = predictor.model.members
+    frozen = [
+        n for n, p in members[0].named_parameters() if n.startswith("backbone.") and p.dim() == 2
+    ]
+    assert frozen and all(
+        members[2].get_parameter(n) is members[0].get_parameter(n) for n in frozen
+    )
     dataset = load_dataset(gunpoint_npz, seed=7)
     assert dataset.y_test is not None
     accuracy = float(np.mean(predictor.outputs(dataset.x_test).argmax(1) == dataset.y_test))

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from orca_engine import checkpoint
@@ -357,6 +358,37 @@ def test_tied_weights_are_stored_once_and_reloaded_strictly(tmp_path: Path) -> N
     load_weights(target, tmp_path / "w.safetensors")
     assert torch.equal(target.decoder.weight, source.encoder.weight)
     assert target.decoder.weight is target.encoder.weight
+
+
+def test_identical_tensors_are_stored_once_and_shared_only_when_asked(tmp_path: Path) -> None:
+    class Pair(nn.Module):
+        """Two members over one frozen body: equal body weights, different heads."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(
+                nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2)) for _ in range(2)
+            )
+
+    source = Pair()
+    body = source.members[0][0]
+    source.members[1][0].load_state_dict(body.state_dict())
+    with torch.no_grad():  # same shape, different values: must stay two tensors
+        source.members[1][1].weight.copy_(source.members[0][1].weight + 1.0)
+    path = tmp_path / "w.safetensors"
+    save_weights(source, path)
+    stored = load_file(str(path))
+    assert "members.1.0.weight" not in stored and "members.1.0.bias" not in stored
+    assert {"members.0.0.weight", "members.1.1.weight", "members.1.1.bias"} <= stored.keys()
+
+    for share in (False, True):
+        target = Pair()
+        load_weights(target, path, share_identical=share)
+        for name, tensor in source.state_dict().items():
+            assert torch.equal(target.state_dict()[name], tensor), name
+        shared = target.members[1][0].weight is target.members[0][0].weight
+        assert shared is share
+        assert target.members[1][1].weight is not target.members[0][1].weight
 
 
 def test_device_oom_becomes_an_actionable_error() -> None:
