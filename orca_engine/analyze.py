@@ -45,7 +45,7 @@ from orca_engine.data import Dataset, Normaliser
 from orca_engine.distances import SourceData, squared_distances
 from orca_engine.errors import BackboneUnavailable, EngineError, JobCancelled, SpecError
 from orca_engine.progress import Callbacks
-from orca_engine.specs import EMBEDDER_LR, TOKEN_BUDGET, backbone_family
+from orca_engine.specs import EMBEDDER_LR, backbone_family, embedder_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def analyze_transferability(
     callbacks: Callbacks | None = None,
     proxy_cache_dir: str | Path | None = None,
     token_budget: int | None = None,
-    stem_channels: int = 0,
+    stem_channels: int | None = None,
     allow_random_init: bool = False,
     progress_stage: str = "analyze",
 ) -> AnalysisResult:
@@ -320,7 +320,8 @@ def analyze_transferability(
     only the backbone and the proxy differ. A candidate that cannot run here (backbone not
     installed, proxy of the wrong family, bad proxy file) is reported as skipped with the reason;
     cancellation (``callbacks.cancelled()``) stops the whole analysis. A job passes its own
-    ``token_budget`` and ``stem_channels`` so the embedders measured are the one it will train.
+    ``token_budget`` and ``stem_channels`` so the embedders measured are the one it will train;
+    left out, each is what an ``auto`` job would resolve for the candidate's backbone family.
     """
     from orca_engine.align import align_embedder, alignment_labels
     from orca_engine.backbones import create_backbone
@@ -336,7 +337,7 @@ def analyze_transferability(
     callbacks = callbacks or Callbacks()
     quiet = _Quiet(callbacks)
     torch_device = resolve_device(device)
-    budget = token_budget or TOKEN_BUDGET["cuda" if torch_device.type == "cuda" else "cpu"]
+    device_kind = "cuda" if torch_device.type == "cuda" else "cpu"
     info = dataset.info
     started = time.perf_counter()
 
@@ -377,14 +378,21 @@ def analyze_transferability(
                 seed=seed,
                 cache_dir=proxy_cache_dir,
             )
+            auto_budget, auto_stem, _, _ = embedder_recipe(
+                info.input_kind,
+                info.sample_shape,
+                info.task_type,
+                family=backbone.family,
+                device_kind=device_kind,
+            )
             seed_everything(seed)  # the same fresh embedder for every proxy of this backbone
             model = build_model(
                 info=info,
                 task_type=info.task_type,
                 out_dim=info.out_dim,
                 backbone=backbone,
-                token_budget=budget,
-                stem_channels=stem_channels,
+                token_budget=auto_budget if token_budget is None else token_budget,
+                stem_channels=auto_stem if stem_channels is None else stem_channels,
             )
             aligned = align_embedder(
                 model,

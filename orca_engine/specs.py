@@ -259,12 +259,16 @@ class ResolvedSpec(BaseModel):
     early_stopping_patience: Annotated[int, Field(ge=0)]
     # Recipe fields added after the first release; their defaults reproduce older jobs.
     augment: bool = False
+    #: with ``augment``: series are also shifted in time (off keeps timing; a lever under test)
+    augment_shift: bool = True
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     #: channels of the sequence or image embedder's conv stem (0: patches are projected directly)
     embedder_stem: Annotated[int, Field(ge=0)] = 0
     #: series: the stem also reads each channel's first difference (a lever under measurement)
     embedder_derivative: bool = False
+    #: series: the stem's channels split over this many dilations 1, 2, 4, ... (a lever under test)
+    embedder_stem_scales: Annotated[int, Field(ge=1, le=6)] = 1
     #: share of the fine-tuning epochs before which no checkpoint is selected
     selection_start: Annotated[float, Field(ge=0, le=1)] = 0.0
     #: mixup strength for single-label classification (0: off)
@@ -400,6 +404,49 @@ def image_token_budget(sample_shape: Sequence[int], cap: int) -> int:
     return min(max(IMAGE_TOKEN_BUDGET, cells), cap)
 
 
+def embedder_recipe(
+    input_kind: str,
+    sample_shape: Sequence[int],
+    task_type: str,
+    *,
+    family: str,
+    device_kind: str,
+) -> tuple[int, int, str, str]:
+    """``auto``'s token budget and conv-stem channels for one input on one backbone family.
+
+    Returns ``(token_budget, stem_channels, budget_reason, stem_reason)``. Jobs resolve their
+    embedder through this, and so does the standalone analysis, so that what it measures is the
+    embedder a job on the same data would train.
+    """
+    general_budget = min(TOKEN_BUDGET[device_kind], BACKBONE_MAX_POSITIONS)
+    stem = 0
+    if input_kind == "seq1d":
+        budget, stem = SEQUENCE_TOKEN_BUDGET, SEQUENCE_STEM_CHANNELS
+        budget_reason = (
+            f"{budget} tokens per series, each a stretch of the series seen through a conv "
+            "stem (measured in docs/QUALITY.md; the embedder may use fewer)"
+        )
+    elif input_kind == "image2d" and family != "vision" and not task_type.startswith("dense_"):
+        budget = image_token_budget(sample_shape, general_budget)
+        stem = IMAGE_STEM_CHANNELS
+        budget_reason = (
+            f"{budget} tokens per image, each a patch seen through a conv stem (measured "
+            f"in docs/QUALITY.md; more only when a patch would exceed {IMAGE_MAX_PATCH} pixels "
+            "a side)"
+        )
+    else:
+        budget = general_budget
+        budget_reason = f"{budget} tokens per sample on {device_kind} (the embedder may use fewer)"
+    stem_reason = (
+        f"a {stem}-channel conv stem gives each token local shape features"
+        if stem
+        else f"no stem for {input_kind} inputs"
+        + (" on a vision backbone" if family == "vision" else "")
+        + (f" on {task_type}" if task_type.startswith("dense_") else "")
+    )
+    return budget, stem, budget_reason, stem_reason
+
+
 def resolve_spec(
     spec: JobSpec | dict[str, Any],
     info: DatasetInfo,
@@ -494,34 +541,10 @@ def resolve_spec(
             "frozen": "only the head trains",
         }[mode]
         reasons["lr"] = f"{optimizer} with mode {mode} ({trained})"
-    general_budget = min(TOKEN_BUDGET[kind], BACKBONE_MAX_POSITIONS)
-    embedder_stem = 0
-    if info.input_kind == "seq1d":
-        token_budget, embedder_stem = SEQUENCE_TOKEN_BUDGET, SEQUENCE_STEM_CHANNELS
-        reasons["token_budget"] = (
-            f"{token_budget} tokens per series, each a stretch of the series seen through a conv "
-            "stem (measured in docs/QUALITY.md; the embedder may use fewer)"
-        )
-    elif info.input_kind == "image2d" and family != "vision" and not task_type.startswith("dense_"):
-        token_budget = image_token_budget(info.sample_shape, general_budget)
-        embedder_stem = IMAGE_STEM_CHANNELS
-        reasons["token_budget"] = (
-            f"{token_budget} tokens per image, each a patch seen through a conv stem (measured "
-            "in docs/QUALITY.md; more only when a patch would exceed "
-            f"{IMAGE_MAX_PATCH} pixels a side)"
-        )
-    else:
-        token_budget = general_budget
-        reasons["token_budget"] = (
-            f"{token_budget} tokens per sample on {kind} (the embedder may use fewer)"
-        )
-    reasons["embedder_stem"] = (
-        f"a {embedder_stem}-channel conv stem gives each token local shape features"
-        if embedder_stem
-        else f"no stem for {info.input_kind} inputs"
-        + (" on a vision backbone" if family == "vision" else "")
-        + (f" on {task_type}" if task_type.startswith("dense_") else "")
+    token_budget, embedder_stem, budget_reason, stem_reason = embedder_recipe(
+        info.input_kind, info.sample_shape, task_type, family=family, device_kind=kind
     )
+    reasons["token_budget"], reasons["embedder_stem"] = budget_reason, stem_reason
     n_val = validation_size(info)
     regression = task_type in REGRESSION_TASKS
     selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT and not regression else 0.0

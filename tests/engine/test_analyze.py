@@ -35,6 +35,7 @@ from orca_engine.distances import SourceData, create_distance
 from orca_engine.errors import JobCancelled, SpecError
 from orca_engine.pipeline import PREPARE_FILE, run_job
 from orca_engine.progress import Callbacks
+from orca_engine.specs import embedder_recipe
 
 
 def photo_crops(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -349,3 +350,30 @@ def test_the_analysis_measures_the_embedder_a_job_would_train(
     stem = analyze_transferability(dataset, pair, stem_channels=8, **common)
     assert plain.best is not None and stem.best is not None
     assert stem.best.before != pytest.approx(plain.best.before)
+
+
+def test_a_standalone_analysis_measures_the_embedder_an_auto_job_would_train(
+    known_case: dict[str, Path], tmp_path: Path
+) -> None:
+    # No budget or stem given (the analysis endpoint): each candidate gets what `auto` resolves
+    # for its backbone family; 32x32 images on a text body: patches through a conv stem.
+    dataset = load_dataset(known_case["target"])
+    pair = [Candidate("tiny-bert", "english-text")]
+    common: dict[str, Any] = {
+        "sample_size": 32,
+        "align_epochs": 1,
+        "proxy_cache_dir": tmp_path,
+        "allow_random_init": True,
+    }
+    budget, stem, _, _ = embedder_recipe(
+        "image2d", (3, 32, 32), "classification", family="text", device_kind="cpu"
+    )
+    assert (budget, stem) == (16, 64)
+    standalone = analyze_transferability(dataset, pair, **common)
+    as_a_job = analyze_transferability(
+        dataset, pair, token_budget=budget, stem_channels=stem, **common
+    )
+    generic = analyze_transferability(dataset, pair, token_budget=64, stem_channels=0, **common)
+    assert standalone.best is not None and as_a_job.best is not None and generic.best is not None
+    assert standalone.best.before == pytest.approx(as_a_job.best.before)
+    assert standalone.best.before != pytest.approx(generic.best.before)
