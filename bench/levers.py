@@ -116,6 +116,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "one-deriv": ({}, {"ensemble_members": 1, "embedder_derivative": True}),
     "auto-deriv": ({}, {"embedder_derivative": True}),
     # session 5, tables: any epoch may be selected (regression metrics are continuous)
+    # Session 6: augmentation that keeps timing, and a stem at several dilations.
+    "aug-noshift": ({}, {"augment": True, "augment_shift": False}),
+    "stem4": ({}, {"embedder_stem_scales": 4}),
+    "pool": ({}, {"embedder_pooled": True}),
+    "flat": ({}, {"head_flat": True}),
+    "one-flat": ({}, {"ensemble_members": 1, "head_flat": True}),
+    "pool-stem4": ({}, {"embedder_pooled": True, "embedder_stem_scales": 4}),
+    "one-aug-noshift": ({}, {"ensemble_members": 1, "augment": True, "augment_shift": False}),
+    "one-stem4": ({}, {"ensemble_members": 1, "embedder_stem_scales": 4}),
     "sel0": ({}, {"selection_start": 0.0}),
     "sel-late": ({}, {"selection_start": 0.5}),
     # one model of whatever else `auto` resolves, all weights or only LayerNorms training
@@ -166,6 +175,7 @@ def run(variants: list[str], datasets: list[str], seeds: list[int], threads: int
                     "dataset": name,
                     "seed": seed,
                     "test": result.metrics.get("test"),
+                    "val": result.metrics.get("val"),
                     "alignment": result.metrics.get("alignment"),
                     "seconds": round(seconds, 1),
                     "finetune_epochs": result.resolved_spec.get("finetune_epochs"),

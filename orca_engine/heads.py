@@ -62,6 +62,28 @@ class PooledHead(Head):
         return self.linear(hidden.mean(dim=1))
 
 
+class FlatHead(Head):
+    """All ``n_tokens`` hidden states side by side, then Linear: output ``(B, out_dim)``.
+
+    Unlike the mean, it keeps which token (which stretch of a series) a feature came from, as a
+    nearest-neighbour comparison of aligned series does. Only for bodies that keep one output
+    token per input token (text bodies); others take the mean.
+    """
+
+    kind = "flat"
+
+    def __init__(self, in_dim: int, out_dim: int, *, n_tokens: int) -> None:
+        super().__init__(in_dim, out_dim)
+        self.n_tokens = int(n_tokens)
+        self.linear = nn.Linear(in_dim * self.n_tokens, out_dim)
+
+    def geometry(self) -> dict[str, Any]:
+        return {"n_tokens": self.n_tokens}
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.flatten(1))
+
+
 class SequenceDenseHead(Head):
     """Per token, ``out_dim * patch`` outputs, laid end to end and cropped to ``length``.
 
@@ -192,12 +214,21 @@ def create_head(
     embedder: Embedder,
     out_dim: int,
     label_shape: tuple[int, ...],
+    flat: bool = False,
 ) -> Head:
-    """The head for ``task_type``; ``out_dim`` is classes, targets, or dense output channels K."""
+    """The head for ``task_type``; ``out_dim`` is classes, targets, or dense output channels K.
+
+    ``flat``: point tasks read every token (:class:`FlatHead`) where the body keeps them.
+    """
     if out_dim < 1:
         raise SpecError(f"a head needs out_dim >= 1, got {out_dim}", param="task.type")
     if task_type in POOLED_TASKS:
-        head: Head = PooledHead(backbone.output_dim, out_dim)
+        keeps_tokens = backbone.family != "vision"
+        head: Head = (
+            FlatHead(backbone.output_dim, out_dim, n_tokens=embedder.n_tokens)
+            if flat and keeps_tokens
+            else PooledHead(backbone.output_dim, out_dim)
+        )
     elif task_type in DENSE_TASKS:
         head = _dense_head(backbone, embedder, out_dim)
     else:
@@ -209,6 +240,7 @@ def create_head(
 
 _HEAD_KINDS: dict[str, Callable[..., Head]] = {
     PooledHead.kind: PooledHead,
+    FlatHead.kind: FlatHead,
     SequenceDenseHead.kind: SequenceDenseHead,
     ImageDenseHead.kind: ImageDenseHead,
 }

@@ -62,6 +62,9 @@ def build_model(
     allow_random_init: bool = False,
     stem_channels: int = 0,
     derivative: bool = False,
+    stem_scales: int = 1,
+    pooled: bool = False,
+    flat_head: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -76,6 +79,8 @@ def build_model(
         token_budget=token_budget,
         stem_channels=stem_channels,
         derivative=derivative,
+        stem_scales=stem_scales,
+        pooled=pooled,
     )
     head = create_head(
         task_type,
@@ -83,6 +88,7 @@ def build_model(
         embedder=embedder,
         out_dim=out_dim,
         label_shape=tuple(info.label_shape),
+        flat=flat_head,
     )
     return OrcaModel(embedder, backbone, head)
 

@@ -269,6 +269,10 @@ class ResolvedSpec(BaseModel):
     embedder_derivative: bool = False
     #: series: the stem's channels split over this many dilations 1, 2, 4, ... (a lever under test)
     embedder_stem_scales: Annotated[int, Field(ge=1, le=6)] = 1
+    #: series with a stem: tokens pool the stem's features per patch (a lever under test)
+    embedder_pooled: bool = False
+    #: point tasks: the head reads every token, not their mean (a lever under test)
+    head_flat: bool = False
     #: share of the fine-tuning epochs before which no checkpoint is selected
     selection_start: Annotated[float, Field(ge=0, le=1)] = 0.0
     #: mixup strength for single-label classification (0: off)
