@@ -12,6 +12,8 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
   would exceed 8 pixels a side; other inputs 64 tokens per sample on CPU, 128 on CUDA (the
   embedder and backbone may cap it further, e.g. to the backbone's 512 positions or to the
   sample's length);
+* ``head_flat``: point tasks on series (text backbones) read every output token side by side
+  instead of their mean;
 * ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
   selected only from half the epochs on (regression: any epoch);
 * ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
@@ -64,6 +66,9 @@ TOKEN_BUDGET = {"cpu": 64, "cuda": 128}
 SEQUENCE_TOKEN_BUDGET = 8
 #: channels of the conv stem in front of a series' patch projection (0 would turn it off)
 SEQUENCE_STEM_CHANNELS = 64
+#: point tasks on series read every token side by side, not their mean (docs/QUALITY.md,
+#: session 6: ArrowHead 0.741 -> 0.789, GunPoint 0.940 -> 0.920)
+SEQUENCE_FLAT_HEAD = True
 #: images read by a text backbone get few tokens too, each built by a conv stem from a patch and
 #: its neighbours (docs/QUALITY.md, session 5: 8x8 digits 0.77 at 64 one-pixel tokens, 0.98 at
 #: 16 tokens of 2x2, 0.99 at 4 tokens of 4x4)
@@ -271,7 +276,7 @@ class ResolvedSpec(BaseModel):
     embedder_stem_scales: Annotated[int, Field(ge=1, le=6)] = 1
     #: series with a stem: tokens pool the stem's features per patch (a lever under test)
     embedder_pooled: bool = False
-    #: point tasks: the head reads every token, not their mean (a lever under test)
+    #: point tasks: the head reads every token side by side, not their mean
     head_flat: bool = False
     #: share of the fine-tuning epochs before which no checkpoint is selected
     selection_start: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -549,6 +554,18 @@ def resolve_spec(
         info.input_kind, info.sample_shape, task_type, family=family, device_kind=kind
     )
     reasons["token_budget"], reasons["embedder_stem"] = budget_reason, stem_reason
+    head_flat = (
+        SEQUENCE_FLAT_HEAD
+        and info.input_kind == "seq1d"
+        and not task_type.startswith("dense_")
+        and family != "vision"
+    )
+    reasons["head_flat"] = (
+        "the head reads every token side by side, keeping which stretch of the series a "
+        "feature came from (measured in docs/QUALITY.md)"
+        if head_flat
+        else "the head averages the tokens"
+    )
     n_val = validation_size(info)
     regression = task_type in REGRESSION_TASKS
     selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT and not regression else 0.0
@@ -643,6 +660,7 @@ def resolve_spec(
             ema_decay=ema_decay,
             ensemble_members=ensemble_members,
             embedder_stem=embedder_stem,
+            head_flat=head_flat,
             selection_start=selection_start,
             token_budget=token_budget,
             seed=spec.seed,

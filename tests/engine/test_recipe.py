@@ -20,6 +20,7 @@ from orca_engine.embedders import (
     embedder_from_config,
     stem_kernel,
 )
+from orca_engine.heads import PooledHead, create_head, head_from_config
 from orca_engine.refine import WeightAverage, mixup_pairs, refine
 from orca_engine.specs import (
     EMA_HORIZON_STEPS,
@@ -140,6 +141,9 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     assert big.selection_start == 0.0  # 1,000 validation rows: any epoch may be selected
     on_gpu = resolve_spec(JobSpec(dataset_id="d"), _info(), device="cuda")
     assert on_gpu.token_budget == 8
+    # point tasks on series read every token; other inputs, vision bodies and dense maps average
+    assert series.head_flat is True and "every token" in series.reasons["head_flat"]
+    assert resolve_spec(JobSpec(dataset_id="d", backbone="tiny-vit"), _info()).head_flat is False
 
     # small images on the text backbone: 4 tokens through a stem; larger ones keep patches small
     digits = _info(input_kind="image2d", sample_shape=(1, 8, 8))
@@ -162,8 +166,10 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     )
     assert resolve_spec(JobSpec(dataset_id="d"), dense).embedder_stem == 0
 
+    assert resolve_spec(JobSpec(dataset_id="d"), dense).head_flat is False
+    assert image.head_flat is False
     table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
-    assert table.augment is False
+    assert table.augment is False and table.head_flat is False
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
@@ -192,6 +198,40 @@ def test_auto_mode_tunes_only_layernorms_on_small_training_sets() -> None:
 
 
 # --- embedder stem, late selection, mixup -----------------------------------------------------
+
+
+def test_flat_head_reads_each_token_in_its_place_and_survives_a_rebuild() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    embedder = create_embedder("seq1d", (1, 40), backbone, token_budget=8, stem_channels=8)
+    flat = create_head(
+        "classification", backbone=backbone, embedder=embedder, out_dim=3, label_shape=(), flat=True
+    )
+    pooled = create_head(
+        "classification", backbone=backbone, embedder=embedder, out_dim=3, label_shape=()
+    )
+    assert (type(flat).__name__, type(pooled).__name__) == ("FlatHead", "PooledHead")
+    hidden = torch.randn(2, embedder.n_tokens, backbone.output_dim)
+    swapped = hidden[:, [1, 0, *range(2, embedder.n_tokens)]]
+    # the mean forgets which token held a feature; the flat head does not
+    torch.testing.assert_close(pooled(hidden), pooled(swapped))
+    assert not torch.allclose(flat(hidden), flat(swapped))
+    rebuilt = head_from_config(flat.config())
+    rebuilt.load_state_dict(flat.state_dict())
+    torch.testing.assert_close(rebuilt(hidden), flat(hidden))
+    # a body that does not keep one output token per input token gets the mean
+    vision = create_backbone("tiny-vit", allow_random_init=True)
+    image_embedder = create_embedder("image2d", (3, 32, 32), vision, token_budget=64)
+    assert isinstance(
+        create_head(
+            "classification",
+            backbone=vision,
+            embedder=image_embedder,
+            out_dim=3,
+            label_shape=(),
+            flat=True,
+        ),
+        PooledHead,
+    )
 
 
 def test_sequence_stem_keeps_the_token_count_and_survives_a_rebuild() -> None:
