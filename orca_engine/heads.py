@@ -1,6 +1,7 @@
 """Task heads: the backbone's ``(B, T_out, d_out)`` hidden states -> the label space.
 
-Pooled tasks (classification, multilabel, regression) average the tokens and apply one Linear.
+Point tasks (classification, multilabel, regression) average the tokens and apply one Linear,
+or (``flat``, the default for series on text bodies) apply one Linear to all tokens side by side.
 Dense tasks predict a patch of outputs per token and fold the patches back onto the input's own
 length or image size (cropping the padding the embedder added), so a ``(C, L)`` input gives a
 ``(K, L)`` output and a ``(C, H, W)`` input a ``(K, H, W)`` output for any L, H, W.
