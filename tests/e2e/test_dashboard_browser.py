@@ -207,6 +207,12 @@ def test_dashboard_uploads_trains_and_shows_live_progress_and_plots(
         "window.progressSeen = [];"
         "setInterval(() => window.progressSeen.push("
         "document.getElementById('job-progress').value), 50);"
+        # every event line the page appends, including those its 200-line cap drops later
+        "window.eventLinesSeen = Array.from("
+        "document.querySelectorAll('#job-events li'), (n) => n.textContent);"
+        "new MutationObserver((changes) => changes.forEach((c) => c.addedNodes.forEach("
+        "(n) => window.eventLinesSeen.push(n.textContent))))"
+        ".observe(document.getElementById('job-events'), {childList: true});"
     )
     wait_until(
         browser,
@@ -241,7 +247,12 @@ def test_dashboard_uploads_trains_and_shows_live_progress_and_plots(
         what="the event stream to end",
     )
     events = text_of(browser, "job-events")
-    assert "metric" in events and "align epoch" in events, events
+    assert "metric" in events and "succeeded" in events, events
+    # The list keeps the latest 200 lines; a job of a few hundred events pushes its alignment
+    # lines out of view, so what the page appended along the way is checked as well.
+    lines_seen = browser.execute_script("return window.eventLinesSeen")
+    assert any("align epoch" in line for line in lines_seen), lines_seen[:20]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#job-events li")) <= 200
 
     wait_until(
         browser,
