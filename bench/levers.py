@@ -115,8 +115,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # session 5, series: the stem also reads first differences (one model, then the ensemble)
     "one-deriv": ({}, {"ensemble_members": 1, "embedder_derivative": True}),
     "auto-deriv": ({}, {"embedder_derivative": True}),
-    # session 5, tables: any epoch may be selected (regression metrics are continuous)
-    # Session 6: augmentation that keeps timing, and a stem at several dilations.
+    # session 6: augmentation that keeps timing, a dilated stem, pooled patches, a flat head
     "aug-noshift": ({}, {"augment": True, "augment_shift": False}),
     "stem4": ({}, {"embedder_stem_scales": 4}),
     "pool": ({}, {"embedder_pooled": True}),
@@ -125,6 +124,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pool-stem4": ({}, {"embedder_pooled": True, "embedder_stem_scales": 4}),
     "one-aug-noshift": ({}, {"ensemble_members": 1, "augment": True, "augment_shift": False}),
     "one-stem4": ({}, {"ensemble_members": 1, "embedder_stem_scales": 4}),
+    # session 5, tables: any epoch may be selected (regression metrics are continuous)
     "sel0": ({}, {"selection_start": 0.0}),
     "sel-late": ({}, {"selection_start": 0.5}),
     # one model of whatever else `auto` resolves, all weights or only LayerNorms training
