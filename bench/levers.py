@@ -112,24 +112,26 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"alignment": {"distance": "none"}},
         {"token_budget": 16, "embedder_stem": 64},
     ),
-    # session 5, series: the stem also reads first differences (one model, then the ensemble)
-    "one-deriv": ({}, {"ensemble_members": 1, "embedder_derivative": True}),
-    "auto-deriv": ({}, {"embedder_derivative": True}),
-    # session 6: augmentation that keeps timing, a dilated stem, pooled patches, a flat head
-    "aug-noshift": ({}, {"augment": True, "augment_shift": False}),
-    "stem4": ({}, {"embedder_stem_scales": 4}),
-    "pool": ({}, {"embedder_pooled": True}),
+    # sessions 5 and 6 also measured first differences, a dilated stem, pooled patches and
+    # timing-preserving augmentation (variants one-deriv, auto-deriv, stem4, one-stem4, pool,
+    # pool-stem4, aug-noshift, one-aug-noshift); none was adopted and their code was removed in
+    # session 8: rerun them from commit 492a870
     "flat": ({}, {"head_flat": True}),
     "one-flat": ({}, {"ensemble_members": 1, "head_flat": True}),
-    "pool-stem4": ({}, {"embedder_pooled": True, "embedder_stem_scales": 4}),
-    "one-aug-noshift": ({}, {"ensemble_members": 1, "augment": True, "augment_shift": False}),
-    "one-stem4": ({}, {"ensemble_members": 1, "embedder_stem_scales": 4}),
     # session 5, tables: any epoch may be selected (regression metrics are continuous)
     "sel0": ({}, {"selection_start": 0.0}),
     "sel-late": ({}, {"selection_start": 0.5}),
     # one model of whatever else `auto` resolves, all weights or only LayerNorms training
     "one-full": ({"finetune": {"mode": "full"}}, {"ensemble_members": 1}),
     "one-ln": ({"finetune": {"mode": "layernorm"}}, {"ensemble_members": 1}),
+    # session 8: few-shot series, one model each, then the ensemble of what stood out
+    "one-aug": ({}, {"ensemble_members": 1, "augment": True}),
+    "one-mix": ({}, {"ensemble_members": 1, "mixup_alpha": 0.4}),
+    "one-wd": ({}, {"ensemble_members": 1, "weight_decay": 0.1}),
+    "one-tok2": ({}, {"ensemble_members": 1, "token_budget": 2}),
+    "one-tok4": ({}, {"ensemble_members": 1, "token_budget": 4}),
+    "one-tok6": ({}, {"ensemble_members": 1, "token_budget": 6}),
+    "tok4": ({}, {"token_budget": 4}),
 }
 
 

@@ -4,10 +4,10 @@ Used by refinement only (never at evaluation or prediction time). Inputs arrive 
 (per-channel unit scale), so the strengths below are fractions of one standard deviation.
 
 * ``seq1d`` (B, C, L): per-(sample, channel) amplitude scaling, a smooth amplitude warp (a
-  random gain curve through a few knots), a small additive jitter, and, unless ``shift`` is off,
-  a random time shift of up to a tenth of the length with the edge values repeated (not wrapped:
-  wrapping would glue the series' end onto its start). Where *when* something happens is the
-  label, the shift changes the class; the other three keep timing.
+  random gain curve through a few knots), a small additive jitter, and a random time shift of
+  up to a tenth of the length with the edge values repeated (not wrapped: wrapping would glue
+  the series' end onto its start). Where *when* something happens is the label, the shift
+  changes the class, which is why augmentation is off by default (docs/QUALITY.md).
 * ``image2d`` (B, C, H, W): a random translation of up to an eighth of each side (at least one
   pixel), zero-filled.
 * tabular rows and dense tasks: none. Features of a row have no order to shift, and moving a
@@ -53,14 +53,14 @@ def _warp_curves(batch: int, channels: int, length: int) -> torch.Tensor:
     )
 
 
-def _augment_sequences(x: torch.Tensor, *, shift: bool) -> torch.Tensor:
+def _augment_sequences(x: torch.Tensor) -> torch.Tensor:
     batch, channels, length = x.shape
     gain = (1.0 + SCALE_STD * torch.randn(batch, channels, 1)) * _warp_curves(
         batch, channels, length
     )
     jitter = JITTER_STD * torch.randn(batch, channels, length)
     x = x * gain.to(x.device, x.dtype) + jitter.to(x.device, x.dtype)
-    return _shift_sequences(x) if shift else x
+    return _shift_sequences(x)
 
 
 def _translate_images(x: torch.Tensor) -> torch.Tensor:
@@ -80,17 +80,12 @@ def _translate_images(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def augment_batch(
-    x: torch.Tensor, *, input_kind: str, task_type: str, shift: bool = True
-) -> torch.Tensor:
-    """A randomly perturbed copy of a normalised training batch (``x`` itself when none applies).
-
-    ``shift``: series are also moved in time (images are always translated).
-    """
+def augment_batch(x: torch.Tensor, *, input_kind: str, task_type: str) -> torch.Tensor:
+    """A randomly perturbed copy of a normalised training batch (``x`` itself when none applies)."""
     if not augmentation_applies(input_kind, task_type):
         return x
     if input_kind == "seq1d" and x.dim() == 3:
-        return _augment_sequences(x, shift=shift)
+        return _augment_sequences(x)
     if input_kind == "image2d" and x.dim() == 4:
         return _translate_images(x)
     return x

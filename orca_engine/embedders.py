@@ -52,30 +52,6 @@ def local_stem(
     )
 
 
-class DilatedStem(nn.Module):
-    """Same-length Conv1d branches at dilations 1, 2, 4, ... side by side, then GELU.
-
-    One window of ``kernel`` steps sees a patch and its neighbours; the dilated branches see the
-    same number of points spread over 2x, 4x, ... that span, so a token also carries the shape of
-    the stretch around it (MiniRocket reads a series at many dilations for the same reason).
-    """
-
-    def __init__(self, in_channels: int, stem_channels: int, kernel: int, scales: int) -> None:
-        super().__init__()
-        widths = [
-            stem_channels // scales + (1 if i < stem_channels % scales else 0)
-            for i in range(scales)
-        ]
-        self.branches = nn.ModuleList(
-            nn.Conv1d(in_channels, width, kernel, dilation=2**i, padding=(kernel // 2) * 2**i)
-            for i, width in enumerate(widths)
-        )
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(torch.cat([branch(x) for branch in self.branches], dim=1))
-
-
 def image_patch_size(height: int, width: int, max_tokens: int, *, start: int = 1) -> int:
     """Smallest patch side p >= ``start`` whose padded grid has at most ``max_tokens`` cells."""
     patch = max(1, start)
@@ -175,9 +151,6 @@ class SequenceEmbedder(Embedder):
         *,
         input_kind: str = "seq1d",
         stem_channels: int = 0,
-        derivative: bool = False,
-        stem_scales: int = 1,
-        pooled: bool = False,
     ) -> None:
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
         n_tokens = math.ceil(length / patch_size)
@@ -193,62 +166,23 @@ class SequenceEmbedder(Embedder):
         self.length = int(length)
         self.pad = n_tokens * patch_size - self.length
         self.stem_channels = int(stem_channels)
-        # Optionally each channel's first difference is read beside it (twice the channels).
-        self.derivative = bool(derivative)
-        channels = int(channels) * (2 if self.derivative else 1)
-        self.stem_scales = max(1, min(int(stem_scales), max(1, self.stem_channels)))
-        self.stem: nn.Module | None
-        if self.stem_channels > 0 and self.stem_scales > 1:
-            self.stem = DilatedStem(
-                channels, self.stem_channels, stem_kernel(patch_size), self.stem_scales
-            )
-        else:
-            self.stem = local_stem(nn.Conv1d, channels, self.stem_channels, stem_kernel(patch_size))
-        proj_in = channels if self.stem is None else self.stem_channels
-        # Pooled patches (with a stem only): each token is the mean and the max of the stem's
-        # features over its patch, projected (2 * stem -> width), instead of one weight per
-        # position inside the patch (stem * patch -> width): far fewer weights, and a feature
-        # counts the same wherever in the patch it fires.
-        self.pooled = bool(pooled) and self.stem is not None
-        self.proj = (
-            nn.Conv1d(2 * proj_in, embed_dim, kernel_size=1)
-            if self.pooled
-            else nn.Conv1d(proj_in, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stem = local_stem(
+            nn.Conv1d, int(channels), self.stem_channels, stem_kernel(patch_size)
         )
+        proj_in = int(channels) if self.stem is None else self.stem_channels
+        self.proj = nn.Conv1d(proj_in, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tabular rows read as a one-channel sequence
             x = x.unsqueeze(1)
-        if self.derivative:
-            step = torch.diff(x, dim=-1, prepend=x[..., :1])
-            x = torch.cat([x, step], dim=1)
         if self.stem is not None:
             x = self.stem(x)
-        if self.pooled:
-            return self.proj(self._pool_patches(x)).transpose(1, 2)
         if self.pad:
             x = F.pad(x, (0, self.pad))
         return self.proj(x).transpose(1, 2)
 
-    def _pool_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, F, L)`` -> ``(B, 2F, T)``: mean and max over each patch (padding ignored)."""
-        batch, features, _ = x.shape
-        if self.pad:
-            x = F.pad(x, (0, self.pad), value=float("nan"))
-        patches = x.reshape(batch, features, self.n_tokens, self.patch_size)
-        mean = patches.nanmean(dim=-1)
-        peak = patches.nan_to_num(nan=float("-inf")).amax(dim=-1)
-        return torch.cat([mean, peak], dim=1)
-
     def config(self) -> dict[str, Any]:
-        config = {**super().config(), "stem_channels": self.stem_channels}
-        if self.derivative:  # absent in bundles written before the option existed
-            config["derivative"] = True
-        if self.stem_scales > 1:  # likewise
-            config["stem_scales"] = self.stem_scales
-        if self.pooled:  # likewise
-            config["pooled"] = True
-        return config
+        return {**super().config(), "stem_channels": self.stem_channels}
 
 
 class ImageEmbedder(Embedder):
@@ -346,9 +280,6 @@ def create_embedder(
     *,
     token_budget: int,
     stem_channels: int = 0,
-    derivative: bool = False,
-    stem_scales: int = 1,
-    pooled: bool = False,
 ) -> Embedder:
     """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``."""
     sample_shape = tuple(int(s) for s in sample_shape)
@@ -362,9 +293,6 @@ def create_embedder(
             sequence_patch_size(sample_shape[1], cap),
             backbone,
             stem_channels=stem_channels,
-            derivative=derivative,
-            stem_scales=stem_scales,
-            pooled=pooled,
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -380,6 +308,11 @@ def create_embedder(
     )
 
 
+#: embedder options of benchmark-only levers that were not adopted and are gone (first
+#: differences, dilated stems, pooled patches); only bundles written with them on carry the keys
+RETIRED_OPTIONS = frozenset({"derivative", "stem_scales", "pooled"})
+
+
 def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = None) -> Embedder:
     """Rebuild an embedder from :meth:`Embedder.config` (weights then come from a checkpoint)."""
     kind = config["input_kind"]
@@ -390,18 +323,14 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
             return TabularEmbedder(shape, width, 1, backbone)
         return SequenceEmbedder(shape, width, patch, backbone, input_kind="tabular")
     stem = int(config.get("stem_channels", 0))
-    if kind == "seq1d":
-        derivative = bool(config.get("derivative", False))
-        return SequenceEmbedder(
-            shape,
-            width,
-            patch,
-            backbone,
-            stem_channels=stem,
-            derivative=derivative,
-            stem_scales=int(config.get("stem_scales", 1)),
-            pooled=bool(config.get("pooled", False)),
+    retired = sorted(RETIRED_OPTIONS & config.keys())
+    if retired:
+        raise SpecError(
+            f"this bundle's embedder uses {', '.join(retired)}, options measured and removed "
+            "in engine 2026-12-03 (docs/QUALITY.md); load it with an older engine"
         )
+    if kind == "seq1d":
+        return SequenceEmbedder(shape, width, patch, backbone, stem_channels=stem)
     if kind == "image2d":
         return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)
     raise SpecError(f"unknown embedder input kind {kind!r}")

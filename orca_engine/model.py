@@ -61,9 +61,6 @@ def build_model(
     token_budget: int,
     allow_random_init: bool = False,
     stem_channels: int = 0,
-    derivative: bool = False,
-    stem_scales: int = 1,
-    pooled: bool = False,
     flat_head: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
@@ -78,9 +75,6 @@ def build_model(
         backbone,
         token_budget=token_budget,
         stem_channels=stem_channels,
-        derivative=derivative,
-        stem_scales=stem_scales,
-        pooled=pooled,
     )
     head = create_head(
         task_type,

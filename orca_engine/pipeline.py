@@ -310,9 +310,6 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         backbone=backbone,
         token_budget=rspec.token_budget,
         stem_channels=rspec.embedder_stem,
-        derivative=rspec.embedder_derivative,
-        stem_scales=rspec.embedder_stem_scales,
-        pooled=rspec.embedder_pooled,
         flat_head=rspec.head_flat,
     )
 

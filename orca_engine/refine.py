@@ -352,7 +352,6 @@ def refine(
     optimizer = build_optimizer(model, rspec)
     label_smoothing = float(getattr(rspec, "label_smoothing", 0.0))
     augment = bool(getattr(rspec, "augment", False))
-    augment_shift = bool(getattr(rspec, "augment_shift", True))
     mixup_alpha = (
         float(getattr(rspec, "mixup_alpha", 0.0)) if task_type == "classification" else 0.0
     )
@@ -418,9 +417,7 @@ def refine(
             inputs = torch.from_numpy(normalise(np.asarray(dataset.x_train[batch_indices])))
             targets = y_train[torch.from_numpy(batch_indices)]
             if augment:
-                inputs = augment_batch(
-                    inputs, input_kind=input_kind, task_type=task_type, shift=augment_shift
-                )
+                inputs = augment_batch(inputs, input_kind=input_kind, task_type=task_type)
             mix = mixup_pairs(len(batch_indices), mixup_alpha) if mixup_alpha > 0 else None
             if mix is not None:
                 inputs = mix[0] * inputs + (1.0 - mix[0]) * inputs[mix[1]]

@@ -240,6 +240,16 @@ class JobSpec(BaseModel):
         return None if value is None else _reject_control_characters(value)
 
 
+#: resolved fields of levers measured and not adopted (docs/QUALITY.md, sessions 5 and 6), with
+#: the value every stored spec holds unless a benchmark turned the lever on
+RETIRED_FIELDS: dict[str, Any] = {
+    "augment_shift": True,
+    "embedder_derivative": False,
+    "embedder_stem_scales": 1,
+    "embedder_pooled": False,
+}
+
+
 class ResolvedSpec(BaseModel):
     """A job's hyperparameters with every ``auto`` made concrete; stored with the job and bundle."""
 
@@ -264,18 +274,10 @@ class ResolvedSpec(BaseModel):
     early_stopping_patience: Annotated[int, Field(ge=0)]
     # Recipe fields added after the first release; their defaults reproduce older jobs.
     augment: bool = False
-    #: with ``augment``: series are also shifted in time (off keeps timing; a lever under test)
-    augment_shift: bool = True
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     #: channels of the sequence or image embedder's conv stem (0: patches are projected directly)
     embedder_stem: Annotated[int, Field(ge=0)] = 0
-    #: series: the stem also reads each channel's first difference (a lever under measurement)
-    embedder_derivative: bool = False
-    #: series: the stem's channels split over this many dilations 1, 2, 4, ... (a lever under test)
-    embedder_stem_scales: Annotated[int, Field(ge=1, le=6)] = 1
-    #: series with a stem: tokens pool the stem's features per patch (a lever under test)
-    embedder_pooled: bool = False
     #: point tasks: the head reads every token side by side, not their mean
     head_flat: bool = False
     #: share of the fine-tuning epochs before which no checkpoint is selected
@@ -296,6 +298,15 @@ class ResolvedSpec(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResolvedSpec:
+        """Validate a stored spec; fields of retired levers are dropped while they are neutral."""
+        data = dict(data)
+        for name, neutral in RETIRED_FIELDS.items():
+            if name in data and data.pop(name) != neutral:
+                raise SpecError(
+                    f"this spec turns on {name!r}, a recipe option measured and removed in "
+                    "engine 2026-12-03 (docs/QUALITY.md); resubmit the job without it",
+                    param=name,
+                )
         return cls.model_validate(data)
 
 

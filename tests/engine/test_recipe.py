@@ -16,16 +16,20 @@ from orca_engine.augment import augment_batch
 from orca_engine.backbones import create_backbone
 from orca_engine.embedders import (
     IMAGE_STEM_MAX_KERNEL,
+    RETIRED_OPTIONS,
     create_embedder,
     embedder_from_config,
     stem_kernel,
 )
+from orca_engine.errors import SpecError
 from orca_engine.heads import PooledHead, create_head, head_from_config
 from orca_engine.refine import WeightAverage, mixup_pairs, refine
 from orca_engine.specs import (
     EMA_HORIZON_STEPS,
     LAYERNORM_BELOW_ROWS,
+    RETIRED_FIELDS,
     JobSpec,
+    ResolvedSpec,
     augmentation_applies,
     ema_decay_for,
     resolve_spec,
@@ -271,26 +275,23 @@ def test_image_stem_keeps_the_grid_and_survives_a_rebuild() -> None:
     assert moved[3].sum() == 0 and moved[:, 3].sum() == 0  # pixels 6..7: out of reach
 
 
-def test_derivative_channels_feed_the_stem_and_survive_a_rebuild() -> None:
+def test_retired_levers_load_while_off_and_are_refused_when_on() -> None:
+    # Specs and bundles stored before the unadopted levers were removed still load when the
+    # levers were off (every user job); one that had a lever on is refused with its name.
+    stored = resolve_spec(JobSpec(dataset_id="d"), _info()).to_dict()
+    assert not RETIRED_FIELDS.keys() & stored.keys()
+    old = {**stored, **RETIRED_FIELDS}
+    assert ResolvedSpec.from_dict(old) == ResolvedSpec.from_dict(stored)
+    with pytest.raises(SpecError, match="embedder_pooled") as caught:
+        ResolvedSpec.from_dict({**old, "embedder_pooled": True})
+    assert caught.value.param == "embedder_pooled"
+
     backbone = create_backbone("tiny-bert", allow_random_init=True)
-    embedder = create_embedder(
-        "seq1d", (2, 40), backbone, token_budget=8, stem_channels=8, derivative=True
-    )
-    assert embedder.stem is not None and embedder.stem[0].in_channels == 4  # 2 + 2 differences
-    x = torch.randn(3, 2, 40)
-    rebuilt = embedder_from_config(embedder.config(), backbone)
-    rebuilt.load_state_dict(embedder.state_dict())
-    torch.testing.assert_close(rebuilt(x), embedder(x))
-    plain = create_embedder("seq1d", (2, 40), backbone, token_budget=8, stem_channels=8)
-    assert "derivative" not in plain.config()
-    # with the stem deaf to the values, only the differences remain: an offset changes nothing
-    with torch.no_grad():
-        embedder.stem[0].weight[:, :2].zero_()
-    torch.testing.assert_close(embedder(x + 5.0), embedder(x))
-    with torch.no_grad():
-        embedder.stem[0].weight[:, 2:].zero_()
-        embedder.stem[0].weight[:, :2].fill_(0.1)
-    assert not torch.allclose(embedder(x + 5.0), embedder(x))
+    embedder = create_embedder("seq1d", (2, 40), backbone, token_budget=8, stem_channels=8)
+    config = embedder.config()
+    assert not RETIRED_OPTIONS & config.keys()
+    with pytest.raises(SpecError, match="stem_scales"):
+        embedder_from_config({**config, "stem_scales": 4}, backbone)
 
 
 def test_stem_makes_tokens_depend_on_neighbouring_patches() -> None:
