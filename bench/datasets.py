@@ -12,7 +12,9 @@ its own validation share of train), written once into a cache directory and reus
 * ``burgers``: 1D viscous Burgers, ``u(x, 0) -> u(x, T)`` on 64 grid points (dense regression),
   solved here with a pseudo-spectral method;
 * ``<name>-10shot``: every classification set with at most 10 labelled training rows per class
-  (a seeded subsample; the test split is the full one).
+  (a seeded subsample; the test split is the full one);
+* ``GunPoint-long``: GunPoint linearly resampled to 20x its length (3,000 steps), the same
+  curves and splits: a long-series case whose answer the short set tells.
 
 Labels are stored as integer class ids ``0..K-1`` so peers and the engine see the same classes.
 """
@@ -35,6 +37,7 @@ SPLIT_SEED = 0
 FEW_SHOT_PER_CLASS = 10
 FEW_SHOT_SUFFIX = "-10shot"
 TEST_FRACTION = 0.3
+LONG_FACTOR = 20
 
 # Burgers: viscosity, horizon, solver and output grid sizes, samples, initial-condition modes.
 BURGERS_VISCOSITY = 0.1
@@ -224,6 +227,27 @@ def _few_shot(builder: Callable[[], Arrays]) -> Callable[[], Arrays]:
     return build
 
 
+def resample_series(x: np.ndarray, factor: int) -> np.ndarray:
+    """``(N, C, L)`` series linearly interpolated onto ``L * factor`` evenly spaced points."""
+    length = x.shape[-1]
+    grid = np.linspace(0, length - 1, length * factor)
+    steps = np.arange(length)
+    return np.stack([[np.interp(grid, steps, s) for s in row] for row in x]).astype(np.float32)
+
+
+def _long(builder: Callable[[], Arrays]) -> Callable[[], Arrays]:
+    def build() -> Arrays:
+        x_train, y_train, x_test, y_test = builder()
+        return (
+            resample_series(x_train, LONG_FACTOR),
+            y_train,
+            resample_series(x_test, LONG_FACTOR),
+            y_test,
+        )
+
+    return build
+
+
 # --- the registry --------------------------------------------------------------------------------
 
 _BASE: list[DatasetMeta] = [
@@ -255,6 +279,11 @@ for _meta in _BASE:
         DATASETS[_name] = DatasetMeta(
             _name, _meta.kind, _meta.task_type, _meta.metric, _few_shot(_meta.builder)
         )
+
+
+DATASETS["GunPoint-long"] = DatasetMeta(
+    "GunPoint-long", "series", "classification", "accuracy", _long(_aeon("load_gunpoint"))
+)
 
 
 def build_arrays(name: str) -> Arrays:

@@ -29,6 +29,22 @@ def sequence_patch_size(length: int, max_tokens: int) -> int:
 
 #: widest stem window: series steps, and image pixels a side (a square window costs its square)
 SEQUENCE_STEM_MAX_KERNEL, IMAGE_STEM_MAX_KERNEL = 15, 7
+#: most positions a series token's projection reads: a longer patch is first averaged over runs
+#: of ``ceil(patch / 64)`` steps, so the projection's weights stop growing with the series length
+#: (at 8 tokens, a 20,000-step series would otherwise give each token 2,500 positions of 64 stem
+#: channels: 61 M weights into MiniLM's 384 dimensions). Every series measured in
+#: docs/QUALITY.md has patches of at most 63 steps, so none is averaged.
+SEQUENCE_MAX_PATCH_POSITIONS = 64
+
+
+def sequence_pooling(patch_size: int) -> tuple[int, int]:
+    """``(steps averaged per position, patch length)`` so a patch has at most 64 positions.
+
+    The patch length grows to a multiple of the averaged run (never shrinks), so the token count
+    ``ceil(length / patch)`` never exceeds the budget that gave ``patch_size``.
+    """
+    pool = math.ceil(patch_size / SEQUENCE_MAX_PATCH_POSITIONS)
+    return pool, pool * math.ceil(patch_size / pool)
 
 
 def stem_kernel(patch_size: int, *, largest: int = SEQUENCE_STEM_MAX_KERNEL) -> int:
@@ -138,7 +154,11 @@ class Embedder(nn.Module):
 
 
 class SequenceEmbedder(Embedder):
-    """``(C, L)`` sequences (or wide ``(D,)`` rows as ``(1, D)``): Conv1d patches of length p."""
+    """``(C, L)`` sequences (or wide ``(D,)`` rows as ``(1, D)``): Conv1d patches of length p.
+
+    ``pool_steps`` > 1 (long series): the stem's features are averaged over runs of that many
+    steps before the projection, which then reads ``patch_size / pool_steps`` positions.
+    """
 
     layout = "sequence"
 
@@ -151,7 +171,10 @@ class SequenceEmbedder(Embedder):
         *,
         input_kind: str = "seq1d",
         stem_channels: int = 0,
+        pool_steps: int = 1,
     ) -> None:
+        if pool_steps < 1 or patch_size % pool_steps:
+            raise ValueError(f"patch {patch_size} is not a whole number of {pool_steps}-step runs")
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
         n_tokens = math.ceil(length / patch_size)
         super().__init__(
@@ -170,7 +193,9 @@ class SequenceEmbedder(Embedder):
             nn.Conv1d, int(channels), self.stem_channels, stem_kernel(patch_size)
         )
         proj_in = int(channels) if self.stem is None else self.stem_channels
-        self.proj = nn.Conv1d(proj_in, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.pool_steps = int(pool_steps)
+        positions = patch_size // self.pool_steps
+        self.proj = nn.Conv1d(proj_in, embed_dim, kernel_size=positions, stride=positions)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tabular rows read as a one-channel sequence
@@ -179,10 +204,15 @@ class SequenceEmbedder(Embedder):
             x = self.stem(x)
         if self.pad:
             x = F.pad(x, (0, self.pad))
+        if self.pool_steps > 1:
+            x = F.avg_pool1d(x, self.pool_steps)
         return self.proj(x).transpose(1, 2)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "stem_channels": self.stem_channels}
+        config = {**super().config(), "stem_channels": self.stem_channels}
+        if self.pool_steps > 1:  # absent in bundles written before long patches were averaged
+            config["pool_steps"] = self.pool_steps
+        return config
 
 
 class ImageEmbedder(Embedder):
@@ -287,12 +317,9 @@ def create_embedder(
     cap = _token_cap(backbone, token_budget)
     width = backbone.embed_dim
     if input_kind == "seq1d":
+        pool, patch = sequence_pooling(sequence_patch_size(sample_shape[1], cap))
         return SequenceEmbedder(
-            sample_shape,
-            width,
-            sequence_patch_size(sample_shape[1], cap),
-            backbone,
-            stem_channels=stem_channels,
+            sample_shape, width, patch, backbone, stem_channels=stem_channels, pool_steps=pool
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -330,7 +357,8 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
             "in engine 2026-12-03 (docs/QUALITY.md); load it with an older engine"
         )
     if kind == "seq1d":
-        return SequenceEmbedder(shape, width, patch, backbone, stem_channels=stem)
+        pool = int(config.get("pool_steps", 1))
+        return SequenceEmbedder(shape, width, patch, backbone, stem_channels=stem, pool_steps=pool)
     if kind == "image2d":
         return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)
     raise SpecError(f"unknown embedder input kind {kind!r}")

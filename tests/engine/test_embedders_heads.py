@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from orca_engine.backbones import Backbone, create_backbone, list_backbones
-from orca_engine.embedders import create_embedder
+from orca_engine.embedders import (
+    SEQUENCE_MAX_PATCH_POSITIONS,
+    create_embedder,
+    embedder_from_config,
+)
 from orca_engine.errors import SpecError
 from orca_engine.model import OrcaModel, build_model, model_from_config, set_trainable
 
@@ -52,6 +56,34 @@ def test_sequence_patching_never_collapses(backbone: Backbone, length: int) -> N
         assert (patch, embedder.n_tokens) == (1, length)
     tokens = embedder(torch.randn(2, 3, length))
     assert tokens.shape == (2, embedder.n_tokens, backbone.embed_dim)
+
+
+@pytest.mark.parametrize("length", [150, 5000, 20011])
+def test_long_series_average_before_a_bounded_projection(length: int) -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    embedder = create_embedder("seq1d", (12, length), backbone, token_budget=8, stem_channels=16)
+    positions = embedder.proj.weight.shape[-1]
+    assert positions <= SEQUENCE_MAX_PATCH_POSITIONS and embedder.n_tokens <= 8
+    assert embedder.patch_size == positions * embedder.pool_steps >= math.ceil(length / 8)
+    assert (embedder.pool_steps > 1) == (length > 8 * SEQUENCE_MAX_PATCH_POSITIONS)
+    x = torch.randn(2, 12, length)
+    rebuilt = embedder_from_config(json.loads(json.dumps(embedder.config())), backbone)
+    rebuilt.load_state_dict(embedder.state_dict())
+    torch.testing.assert_close(rebuilt(x), embedder(x))
+    # a step change inside one averaged run moves only that token (runs never straddle tokens)
+    bumped = x.clone()
+    bumped[..., embedder.patch_size : embedder.patch_size + embedder.pool_steps] += 1.0
+    moved = (embedder(bumped) - embedder(x)).abs().amax(dim=(0, 2))
+    assert moved[1] > 0 and moved[3:].max() == 0
+
+
+def test_bundles_from_before_long_patch_averaging_rebuild_unaveraged() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    embedder = create_embedder("seq1d", (1, 5000), backbone, token_budget=8, stem_channels=4)
+    old = {k: v for k, v in embedder.config().items() if k != "pool_steps"}
+    old["patch_size"] = math.ceil(5000 / 8)
+    rebuilt = embedder_from_config(old, backbone)
+    assert rebuilt.pool_steps == 1 and rebuilt.proj.weight.shape[-1] == 625
 
 
 @pytest.mark.parametrize("length", [7, 151, 1009])
