@@ -166,3 +166,16 @@ def test_performance_profile_counts_tasks_within_tau_of_the_best() -> None:
     assert profile["a"][at[1.0]] == 0.5 and profile["b"][at[1.0]] == 0.5
     assert profile["a"][at[1.49]] == 0.5 and profile["a"][at[1.51]] == 1.0
     assert profile["b"][at[1.99]] == 0.5 and profile["b"][at[2.01]] == 1.0
+
+
+def test_long_gunpoint_is_the_same_curves_twenty_times_as_finely_sampled() -> None:
+    long_train, y_long, long_test, y_long_test = ds.build_arrays("GunPoint-long")
+    x_train, y_train, _, y_test = ds.build_arrays("GunPoint")
+    assert long_train.shape == (len(x_train), 1, 150 * ds.LONG_FACTOR)
+    assert long_test.shape[-1] == 150 * ds.LONG_FACTOR
+    np.testing.assert_array_equal(y_long, y_train)
+    np.testing.assert_array_equal(y_long_test, y_test)
+    # the ends and every point in between lie on the original curve's straight segments
+    np.testing.assert_allclose(long_train[..., 0], x_train[..., 0])
+    np.testing.assert_allclose(long_train[..., -1], x_train[..., -1])
+    assert long_train.min() >= x_train.min() - 1e-5 and long_train.max() <= x_train.max() + 1e-5
