@@ -128,9 +128,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "one-aug": ({}, {"ensemble_members": 1, "augment": True}),
     "one-mix": ({}, {"ensemble_members": 1, "mixup_alpha": 0.4}),
     "one-wd": ({}, {"ensemble_members": 1, "weight_decay": 0.1}),
-    "one-tok2": ({}, {"ensemble_members": 1, "token_budget": 2}),
     "one-tok4": ({}, {"ensemble_members": 1, "token_budget": 4}),
-    "one-tok6": ({}, {"ensemble_members": 1, "token_budget": 6}),
     "tok4": ({}, {"token_budget": 4}),
 }
 

@@ -38,7 +38,7 @@ SEQUENCE_MAX_PATCH_POSITIONS = 64
 
 
 def sequence_pooling(patch_size: int) -> tuple[int, int]:
-    """``(steps averaged per position, patch length)`` so a patch has at most 64 positions.
+    """``(steps averaged per position, patch length)``: at most SEQUENCE_MAX_PATCH_POSITIONS each.
 
     The patch length grows to a multiple of the averaged run (never shrinks), so the token count
     ``ceil(length / patch)`` never exceeds the budget that gave ``patch_size``.
