@@ -130,6 +130,20 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "one-wd": ({}, {"ensemble_members": 1, "weight_decay": 0.1}),
     "one-tok4": ({}, {"ensemble_members": 1, "token_budget": 4}),
     "tok4": ({}, {"token_budget": 4}),
+    # session 9: a fixed bank of dilated filters adds per-patch threshold shares to each token
+    "one-bank": ({}, {"ensemble_members": 1, "embedder_kernel_bank": True}),
+    "bank": ({}, {"embedder_kernel_bank": True}),
+    "bank-noalign": ({"alignment": {"distance": "none"}}, {"embedder_kernel_bank": True}),
+    # the default before session 9 (the bank off), for comparisons once `auto` turns it on
+    "nobank": ({}, {"embedder_kernel_bank": False}),
+    "one-bank-nostem": (
+        {},
+        {"ensemble_members": 1, "embedder_kernel_bank": True, "embedder_stem": 0},
+    ),
+    "one-bank-noalign": (
+        {"alignment": {"distance": "none"}},
+        {"ensemble_members": 1, "embedder_kernel_bank": True},
+    ),
 }
 
 

@@ -45,7 +45,12 @@ from orca_engine.data import Dataset, Normaliser
 from orca_engine.distances import SourceData, squared_distances
 from orca_engine.errors import BackboneUnavailable, EngineError, JobCancelled, SpecError
 from orca_engine.progress import Callbacks
-from orca_engine.specs import EMBEDDER_LR, backbone_family, embedder_recipe
+from orca_engine.specs import (
+    EMBEDDER_LR,
+    backbone_family,
+    embedder_recipe,
+    kernel_bank_applies,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +316,7 @@ def analyze_transferability(
     proxy_cache_dir: str | Path | None = None,
     token_budget: int | None = None,
     stem_channels: int | None = None,
+    kernel_bank: bool | None = None,
     allow_random_init: bool = False,
     progress_stage: str = "analyze",
 ) -> AnalysisResult:
@@ -320,7 +326,8 @@ def analyze_transferability(
     only the backbone and the proxy differ. A candidate that cannot run here (backbone not
     installed, proxy of the wrong family, bad proxy file) is reported as skipped with the reason;
     cancellation (``callbacks.cancelled()``) stops the whole analysis. A job passes its own
-    ``token_budget`` and ``stem_channels`` so the embedders measured are the one it will train;
+    ``token_budget``, ``stem_channels`` and ``kernel_bank`` so the embedders measured are the one
+    it will train;
     left out, each is what an ``auto`` job would resolve for the candidate's backbone family.
     """
     from orca_engine.align import align_embedder, alignment_labels
@@ -393,7 +400,13 @@ def analyze_transferability(
                 backbone=backbone,
                 token_budget=auto_budget if token_budget is None else token_budget,
                 stem_channels=auto_stem if stem_channels is None else stem_channels,
+                kernel_bank=kernel_bank_applies(
+                    info.input_kind, info.task_type, family=backbone.family
+                )
+                if kernel_bank is None
+                else kernel_bank,
             )
+            model.embedder.calibrate(torch.as_tensor(x_sample, dtype=torch.float32), seed=seed)
             aligned = align_embedder(
                 model,
                 x_sample,

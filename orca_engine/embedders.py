@@ -9,6 +9,7 @@ length L gives ``ceil(L / p)`` tokens, never a single collapsed one.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -66,6 +67,163 @@ def local_stem(
         conv(in_channels, stem_channels, kernel, padding=kernel // 2),
         nn.GELU(),
     )
+
+
+#: the fixed kernel bank's thresholds: these quantiles of each filter's response on training data
+KERNEL_BANK_QUANTILES = (0.25, 0.5, 0.75)
+#: most dilations per filter (spaced geometrically from 1 to what a series' length allows)
+KERNEL_BANK_MAX_DILATIONS = 8
+#: training series and response values per filter that the thresholds are read from
+KERNEL_BANK_CALIBRATION_SERIES, KERNEL_BANK_CALIBRATION_VALUES = 256, 65_536
+#: most response values one pass holds (per dilation), so long series are read in row chunks
+KERNEL_BANK_CHUNK_VALUES = 1 << 24
+#: floor of a share's spread when standardising (a share that barely varies is not amplified)
+KERNEL_BANK_MIN_SCALE = 0.05
+
+
+def kernel_bank_filters() -> torch.Tensor:
+    """The 84 length-9 filters with three taps of 2 and six of -1 (MiniRocket's, sum zero)."""
+    rows = []
+    for taps in itertools.combinations(range(9), 3):
+        row = torch.full((9,), -1.0)
+        row[list(taps)] = 2.0
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def kernel_bank_dilations(length: int) -> list[int]:
+    """Dilations from 1 to the widest whose 9 taps fit in ``length``, geometrically spaced."""
+    widest = max(1, (int(length) - 1) // 8)
+    count = min(int(math.log2(widest)) + 1, KERNEL_BANK_MAX_DILATIONS)
+    if count == 1:
+        return [1]
+    return sorted({round(widest ** (i / (count - 1))) for i in range(count)})
+
+
+class KernelBank(nn.Module):
+    """Fixed dilated filters, read per patch as the share of positions above learned-from-data
+    thresholds (MiniRocket's "proportion of positive values", kept per token instead of pooled
+    over the whole series).
+
+    Nothing here is trained: the filters are constants, the per-channel mix is drawn from a
+    fixed seed, and :meth:`calibrate` sets the thresholds once from training series, then the
+    mean and spread of each share on those series, by which the output is standardised (a
+    share's constant part would otherwise dwarf how it varies between series). Output
+    ``(B, features, n_tokens)`` with ``features = len(dilations) * 84 * len(quantiles)``.
+    ``pool_steps`` > 1 (long series): the bank reads the series averaged over runs of that many
+    steps, as the stem's features are, so its cost stops growing with the length.
+    """
+
+    weight: torch.Tensor
+    thresholds: torch.Tensor
+    share_mean: torch.Tensor
+    share_scale: torch.Tensor
+    valid: torch.Tensor
+
+    def __init__(
+        self,
+        channels: int,
+        length: int,
+        patch_size: int,
+        dilations: list[int],
+        *,
+        pool_steps: int = 1,
+    ) -> None:
+        super().__init__()
+        if pool_steps < 1 or patch_size % pool_steps:
+            raise ValueError(f"patch {patch_size} is not a whole number of {pool_steps}-step runs")
+        self.pool_steps = int(pool_steps)
+        self.n_tokens = math.ceil(int(length) / int(patch_size))
+        # Lengths and patches below count averaged positions (steps when nothing is averaged).
+        self.length = math.ceil(int(length) / self.pool_steps)
+        self.patch_size = int(patch_size) // self.pool_steps
+        self.dilations = [int(d) for d in dilations]
+        filters = kernel_bank_filters()
+        mix = torch.ones(len(filters), int(channels))
+        if channels > 1:  # each filter reads a fixed random subset of the channels
+            generator = torch.Generator().manual_seed(0)
+            mix = (torch.rand(len(filters), int(channels), generator=generator) < 0.5).float()
+            mix[
+                torch.arange(len(filters)),
+                torch.randint(channels, (len(filters),), generator=generator),
+            ] = 1.0
+        self.register_buffer("weight", filters[:, None, :] * mix[:, :, None])
+        quantiles = len(KERNEL_BANK_QUANTILES)
+        self.register_buffer(
+            "thresholds", torch.zeros(len(self.dilations), len(filters), quantiles)
+        )
+        features = int(self.thresholds.numel())
+        self.register_buffer("share_mean", torch.zeros(features, self.n_tokens))
+        self.register_buffer("share_scale", torch.ones(features, self.n_tokens))
+        valid = torch.full((self.n_tokens,), float(self.patch_size))
+        valid[-1] = self.length - (self.n_tokens - 1) * self.patch_size
+        self.register_buffer("valid", valid, persistent=False)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.thresholds.numel())
+
+    def _averaged(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_steps == 1:
+            return x
+        extra = self.length * self.pool_steps - x.shape[-1]
+        # ceil_mode with padding 0 averages a short last run over the steps it has
+        return (
+            F.avg_pool1d(x, self.pool_steps, ceil_mode=True)
+            if extra
+            else F.avg_pool1d(x, self.pool_steps)
+        )
+
+    def _responses(self, x: torch.Tensor, dilation: int) -> torch.Tensor:
+        return F.conv1d(x, self.weight.to(x.dtype), padding=4 * dilation, dilation=dilation)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, seed: int = 0) -> None:
+        """Set each filter's thresholds to quantiles of its responses on ``x`` (training series)."""
+        generator = torch.Generator().manual_seed(int(seed))
+        if len(x) > KERNEL_BANK_CALIBRATION_SERIES:
+            x = x[torch.randperm(len(x), generator=generator)[:KERNEL_BANK_CALIBRATION_SERIES]]
+        x = self._averaged(x.to(self.weight.device, torch.float32))
+        levels = torch.tensor(KERNEL_BANK_QUANTILES, device=x.device)
+        for index, dilation in enumerate(self.dilations):
+            values = torch.cat([self._responses(c, dilation) for c in x.split(32)])
+            values = values.transpose(0, 1).reshape(len(self.weight), -1)
+            if values.shape[1] > KERNEL_BANK_CALIBRATION_VALUES:
+                keep = torch.randperm(values.shape[1], generator=generator)
+                values = values[:, keep[:KERNEL_BANK_CALIBRATION_VALUES].to(x.device)]
+            self.thresholds[index] = torch.quantile(values, levels, dim=1).T
+        self.share_mean.zero_()
+        self.share_scale.fill_(1.0)
+        shares = torch.cat([self._pooled_shares(chunk) for chunk in x.split(32)])
+        self.share_mean.copy_(shares.mean(0))
+        self.share_scale.copy_(shares.std(0, unbiased=False).clamp_min(KERNEL_BANK_MIN_SCALE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (self._shares(x) - self.share_mean) / self.share_scale
+
+    def _shares(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw shares of the series ``x`` (steps, not yet averaged)."""
+        return self._pooled_shares(self._averaged(x.float()))
+
+    def _pooled_shares(self, x: torch.Tensor) -> torch.Tensor:
+        # Long series: a few rows at a time, so the (rows, features, length) mask stays ~64 MB.
+        per_row = self.n_features * (self.length + 8 * max(self.dilations))
+        rows = max(1, KERNEL_BANK_CHUNK_VALUES // per_row)
+        if len(x) > rows:
+            return torch.cat([self._pooled_shares(chunk) for chunk in x.split(rows)])
+        pad = self.n_tokens * self.patch_size - self.length
+        shares = []
+        with torch.no_grad():
+            for index, dilation in enumerate(self.dilations):
+                response = self._responses(x, dilation)  # (B, 84, L)
+                above = response.unsqueeze(2) > self.thresholds[index][None, :, :, None]
+                above = above.flatten(1, 2).float()
+                if pad:
+                    above = F.pad(above, (0, pad))
+                counts = F.avg_pool1d(above, self.patch_size) * self.patch_size
+                shares.append(counts / self.valid.to(counts.device))
+        return torch.cat(shares, 1)
 
 
 def image_patch_size(height: int, width: int, max_tokens: int, *, start: int = 1) -> int:
@@ -138,6 +296,9 @@ class Embedder(nn.Module):
         """Raw ``(B, *sample_shape)`` input -> ``(B, T, embed_dim)`` tokens before norm/positions."""
         raise NotImplementedError
 
+    def calibrate(self, x: torch.Tensor, seed: int = 0) -> None:
+        """Fit any fixed, data-dependent part from normalised training samples (default: none)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, *sample_shape)`` -> ``(B, n_tokens, embed_dim)``."""
         return self.norm(self.tokenize(x)) + self.positions
@@ -158,6 +319,8 @@ class SequenceEmbedder(Embedder):
 
     ``pool_steps`` > 1 (long series): the stem's features are averaged over runs of that many
     steps before the projection, which then reads ``patch_size / pool_steps`` positions.
+    ``kernel_dilations`` (non-empty): a :class:`KernelBank` with those dilations also reads the
+    series, and a learned Linear adds its per-patch shares to each token.
     """
 
     layout = "sequence"
@@ -172,6 +335,7 @@ class SequenceEmbedder(Embedder):
         input_kind: str = "seq1d",
         stem_channels: int = 0,
         pool_steps: int = 1,
+        kernel_dilations: list[int] | None = None,
     ) -> None:
         if pool_steps < 1 or patch_size % pool_steps:
             raise ValueError(f"patch {patch_size} is not a whole number of {pool_steps}-step runs")
@@ -196,22 +360,39 @@ class SequenceEmbedder(Embedder):
         self.pool_steps = int(pool_steps)
         positions = patch_size // self.pool_steps
         self.proj = nn.Conv1d(proj_in, embed_dim, kernel_size=positions, stride=positions)
+        self.bank: KernelBank | None = None
+        self.bank_proj: nn.Linear | None = None
+        if kernel_dilations:
+            self.bank = KernelBank(
+                int(channels), self.length, patch_size, kernel_dilations, pool_steps=pool_steps
+            )
+            self.bank_proj = nn.Linear(self.bank.n_features, embed_dim)
+
+    def calibrate(self, x: torch.Tensor, seed: int = 0) -> None:
+        if self.bank is not None:
+            self.bank.calibrate(x.unsqueeze(1) if x.dim() == 2 else x, seed)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # tabular rows read as a one-channel sequence
             x = x.unsqueeze(1)
+        tokens = x
         if self.stem is not None:
-            x = self.stem(x)
+            tokens = self.stem(tokens)
         if self.pad:
-            x = F.pad(x, (0, self.pad))
+            tokens = F.pad(tokens, (0, self.pad))
         if self.pool_steps > 1:
-            x = F.avg_pool1d(x, self.pool_steps)
-        return self.proj(x).transpose(1, 2)
+            tokens = F.avg_pool1d(tokens, self.pool_steps)
+        tokens = self.proj(tokens).transpose(1, 2)
+        if self.bank is not None and self.bank_proj is not None:
+            tokens = tokens + self.bank_proj(self.bank(x).transpose(1, 2).to(tokens.dtype))
+        return tokens
 
     def config(self) -> dict[str, Any]:
         config = {**super().config(), "stem_channels": self.stem_channels}
         if self.pool_steps > 1:  # absent in bundles written before long patches were averaged
             config["pool_steps"] = self.pool_steps
+        if self.bank is not None:  # absent when off, so bundles without a bank rebuild unchanged
+            config["kernel_dilations"] = list(self.bank.dilations)
         return config
 
 
@@ -310,6 +491,7 @@ def create_embedder(
     *,
     token_budget: int,
     stem_channels: int = 0,
+    kernel_bank: bool = False,
 ) -> Embedder:
     """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``."""
     sample_shape = tuple(int(s) for s in sample_shape)
@@ -319,7 +501,15 @@ def create_embedder(
     if input_kind == "seq1d":
         pool, patch = sequence_pooling(sequence_patch_size(sample_shape[1], cap))
         return SequenceEmbedder(
-            sample_shape, width, patch, backbone, stem_channels=stem_channels, pool_steps=pool
+            sample_shape,
+            width,
+            patch,
+            backbone,
+            stem_channels=stem_channels,
+            pool_steps=pool,
+            kernel_dilations=kernel_bank_dilations(math.ceil(sample_shape[1] / pool))
+            if kernel_bank
+            else None,
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -358,7 +548,16 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
         )
     if kind == "seq1d":
         pool = int(config.get("pool_steps", 1))
-        return SequenceEmbedder(shape, width, patch, backbone, stem_channels=stem, pool_steps=pool)
+        dilations = [int(d) for d in config.get("kernel_dilations") or []]
+        return SequenceEmbedder(
+            shape,
+            width,
+            patch,
+            backbone,
+            stem_channels=stem,
+            pool_steps=pool,
+            kernel_dilations=dilations or None,
+        )
     if kind == "image2d":
         return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)
     raise SpecError(f"unknown embedder input kind {kind!r}")

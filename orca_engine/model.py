@@ -62,6 +62,7 @@ def build_model(
     allow_random_init: bool = False,
     stem_channels: int = 0,
     flat_head: bool = False,
+    kernel_bank: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -75,6 +76,7 @@ def build_model(
         backbone,
         token_budget=token_budget,
         stem_channels=stem_channels,
+        kernel_bank=kernel_bank,
     )
     head = create_head(
         task_type,

@@ -194,6 +194,7 @@ def _choose_backbone_and_source(
             proxy_cache_dir=context.proxy_cache_dir,
             token_budget=rspec.token_budget,
             stem_channels=rspec.embedder_stem,
+            kernel_bank=rspec.embedder_kernel_bank,
             allow_random_init=rspec.allow_random_init,
             progress_stage="prepare",
         )
@@ -311,7 +312,24 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         token_budget=rspec.token_budget,
         stem_channels=rspec.embedder_stem,
         flat_head=rspec.head_flat,
+        kernel_bank=rspec.embedder_kernel_bank,
     )
+
+
+def _calibrate_embedder(
+    model: OrcaModel, dataset: Dataset, rspec: ResolvedSpec, preprocessing: Preprocessing
+) -> None:
+    """Fit the embedder's fixed parts (a kernel bank's thresholds) on a seeded training sample.
+
+    Deterministic in the seed, so a resumed job recomputes exactly what the first run used.
+    """
+    if not rspec.embedder_kernel_bank:
+        return
+    from orca_engine.embedders import KERNEL_BANK_CALIBRATION_SERIES
+
+    rows = _alignment_subsample(len(dataset.x_train), KERNEL_BANK_CALIBRATION_SERIES, rspec.seed)
+    x = preprocessing.normaliser.transform(np.asarray(dataset.x_train[rows]))
+    model.embedder.calibrate(torch.as_tensor(x, dtype=torch.float32), seed=rspec.seed)
 
 
 def _out_dim(info: DatasetInfo, task_type: str) -> int:
@@ -576,6 +594,7 @@ def run_job(
     hint_align = f"try a smaller alignment.max_samples (now {rspec.max_samples})"
     with out_of_memory_as_error(f"try a smaller finetune.batch_size (now {rspec.batch_size})"):
         model = _build_model(rspec, dataset.info).to(torch_device)
+        _calibrate_embedder(model, dataset, rspec, preprocessing)
     callbacks.progress(stage="prepare", step=1, total=1)
 
     # align ------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
   sample's length);
 * ``head_flat``: point tasks on series (text backbones) read every output token side by side
   instead of their mean;
+* ``embedder_kernel_bank``: the same series tasks also read each patch through a fixed bank of
+  dilated filters (thresholds set from the training series), projected into every token;
 * ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
   selected only from half the epochs on (regression: any epoch);
 * ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
@@ -69,6 +71,9 @@ SEQUENCE_STEM_CHANNELS = 64
 #: point tasks on series read every token side by side, not their mean (docs/QUALITY.md,
 #: session 6: ArrowHead 0.741 -> 0.789, GunPoint 0.940 -> 0.920)
 SEQUENCE_FLAT_HEAD = True
+#: ... and their tokens also carry a fixed kernel bank's per-patch shares (docs/QUALITY.md,
+#: session 9)
+SEQUENCE_KERNEL_BANK = True
 #: images read by a text backbone get few tokens too, each built by a conv stem from a patch and
 #: its neighbours (docs/QUALITY.md, session 5: 8x8 digits 0.77 at 64 one-pixel tokens, 0.98 at
 #: 16 tokens of 2x2, 0.99 at 4 tokens of 4x4)
@@ -278,6 +283,8 @@ class ResolvedSpec(BaseModel):
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     #: channels of the sequence or image embedder's conv stem (0: patches are projected directly)
     embedder_stem: Annotated[int, Field(ge=0)] = 0
+    #: series: fixed dilated filters (calibrated on training data) add per-patch features
+    embedder_kernel_bank: bool = False
     #: point tasks: the head reads every token side by side, not their mean
     head_flat: bool = False
     #: share of the fine-tuning epochs before which no checkpoint is selected
@@ -422,6 +429,16 @@ def image_token_budget(sample_shape: Sequence[int], cap: int) -> int:
     height, width = int(sample_shape[-2]), int(sample_shape[-1])
     cells = math.ceil(height / IMAGE_MAX_PATCH) * math.ceil(width / IMAGE_MAX_PATCH)
     return min(max(IMAGE_TOKEN_BUDGET, cells), cap)
+
+
+def kernel_bank_applies(input_kind: str, task_type: str, *, family: str) -> bool:
+    """Whether ``auto`` gives this input a fixed kernel bank: point tasks on series, text bodies."""
+    return (
+        SEQUENCE_KERNEL_BANK
+        and input_kind == "seq1d"
+        and not task_type.startswith("dense_")
+        and family != "vision"
+    )
 
 
 def embedder_recipe(
@@ -577,6 +594,17 @@ def resolve_spec(
         if head_flat
         else "the head averages the tokens"
     )
+    kernel_bank = kernel_bank_applies(info.input_kind, task_type, family=family)
+    reasons["embedder_kernel_bank"] = (
+        "each token also reads its stretch through 84 fixed filters at several dilations, as "
+        "the shares of positions above thresholds set from the training series (measured in "
+        "docs/QUALITY.md)"
+        if kernel_bank
+        else "no fixed kernel bank"
+        + (f" for {info.input_kind} inputs" if info.input_kind != "seq1d" else "")
+        + (" on a vision backbone" if family == "vision" else "")
+        + (f" on {task_type}" if task_type.startswith("dense_") else "")
+    )
     n_val = validation_size(info)
     regression = task_type in REGRESSION_TASKS
     selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT and not regression else 0.0
@@ -672,6 +700,7 @@ def resolve_spec(
             ensemble_members=ensemble_members,
             embedder_stem=embedder_stem,
             head_flat=head_flat,
+            embedder_kernel_bank=kernel_bank,
             selection_start=selection_start,
             token_budget=token_budget,
             seed=spec.seed,

@@ -11,9 +11,14 @@ import torch
 
 from orca_engine.backbones import Backbone, create_backbone, list_backbones
 from orca_engine.embedders import (
+    KERNEL_BANK_MAX_DILATIONS,
+    KERNEL_BANK_QUANTILES,
     SEQUENCE_MAX_PATCH_POSITIONS,
+    KernelBank,
     create_embedder,
     embedder_from_config,
+    kernel_bank_dilations,
+    kernel_bank_filters,
 )
 from orca_engine.errors import SpecError
 from orca_engine.model import OrcaModel, build_model, model_from_config, set_trainable
@@ -84,6 +89,67 @@ def test_bundles_from_before_long_patch_averaging_rebuild_unaveraged() -> None:
     old["patch_size"] = math.ceil(5000 / 8)
     rebuilt = embedder_from_config(old, backbone)
     assert rebuilt.pool_steps == 1 and rebuilt.proj.weight.shape[-1] == 625
+
+
+@pytest.mark.parametrize("length", [1, 9, 17, 150, 3000, 100_000])
+def test_kernel_bank_dilations_fit_the_series(length: int) -> None:
+    dilations = kernel_bank_dilations(length)
+    assert dilations[0] == 1 and dilations == sorted(set(dilations))
+    assert len(dilations) <= KERNEL_BANK_MAX_DILATIONS
+    assert 8 * dilations[-1] + 1 <= max(length, 9)  # the widest filter still fits (or is 1)
+    if length >= 17:
+        assert 8 * (dilations[-1] + 1) + 1 > length  # ... and a wider one would not
+
+
+def test_kernel_bank_thresholds_come_from_training_series() -> None:
+    filters = kernel_bank_filters()
+    assert filters.shape == (84, 9) and bool((filters.sum(1) == 0).all())
+    torch.manual_seed(0)
+    train = torch.randn(40, 1, 151).cumsum(-1)
+    bank = KernelBank(1, 151, 19, kernel_bank_dilations(151))
+    bank.calibrate(train)
+    assert bank.n_features == len(bank.dilations) * 84 * len(KERNEL_BANK_QUANTILES)
+    # thresholds are ordered quantiles of each filter's responses, so on the training series the
+    # raw shares above them sit near 1 - q; standardised, they are centred with unit-ish spread
+    assert bool((bank.thresholds.diff(dim=-1) >= 0).all())
+    raw = bank._shares(train).unflatten(1, (len(bank.dilations), 84, len(KERNEL_BANK_QUANTILES)))
+    overall = raw.mean(dim=(0, 1, 2, 4))
+    expected = torch.tensor([1 - q for q in KERNEL_BANK_QUANTILES])
+    torch.testing.assert_close(overall, expected, atol=0.02, rtol=0)
+    out = bank(train)
+    assert out.shape == (40, bank.n_features, 8)
+    torch.testing.assert_close(out.mean(0), torch.zeros_like(out[0]), atol=1e-5, rtol=0)
+    # deterministic: the same series and seed give the same thresholds
+    again = KernelBank(1, 151, 19, kernel_bank_dilations(151))
+    again.calibrate(train)
+    assert torch.equal(again.thresholds, bank.thresholds)
+    # the last token counts only its 18 real steps (151 = 7 * 19 + 18), not the padding
+    bank.thresholds.fill_(-math.inf)
+    assert bool((bank._shares(train) == 1.0).all())
+
+
+def test_kernel_bank_embedder_round_trips_and_reads_long_series_averaged() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    for length in (150, 5000):
+        embedder = create_embedder(
+            "seq1d", (3, length), backbone, token_budget=8, stem_channels=4, kernel_bank=True
+        )
+        assert embedder.bank is not None
+        assert embedder.bank.length * embedder.pool_steps >= length > embedder.bank.length - 1
+        assert embedder.bank.dilations == kernel_bank_dilations(embedder.bank.length)
+        x = torch.randn(6, 3, length)
+        embedder.calibrate(x)
+        config = json.loads(json.dumps(embedder.config()))
+        assert config["kernel_dilations"] == embedder.bank.dilations
+        rebuilt = embedder_from_config(config, backbone)
+        rebuilt.load_state_dict(embedder.state_dict())  # thresholds and scales travel as buffers
+        torch.testing.assert_close(rebuilt(x), embedder(x))
+        # the bank is fixed: only its projection trains
+        assert not [n for n, p in embedder.named_parameters() if n.startswith("bank.")]
+        embedder(x).sum().backward()
+        assert embedder.bank_proj is not None and embedder.bank_proj.weight.grad is not None
+    plain = create_embedder("seq1d", (3, 150), backbone, token_budget=8, stem_channels=4)
+    assert plain.bank is None and "kernel_dilations" not in plain.config()
 
 
 @pytest.mark.parametrize("length", [7, 151, 1009])

@@ -148,6 +148,13 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     # point tasks on series read every token; other inputs, vision bodies and dense maps average
     assert series.head_flat is True and "every token" in series.reasons["head_flat"]
     assert resolve_spec(JobSpec(dataset_id="d", backbone="tiny-vit"), _info()).head_flat is False
+    # ... and also through the fixed kernel bank; vision bodies, images, tables, dense maps don't
+    assert series.embedder_kernel_bank is True
+    assert "fixed filters" in series.reasons["embedder_kernel_bank"]
+    on_vit = resolve_spec(JobSpec(dataset_id="d", backbone="tiny-vit"), _info())
+    assert (
+        on_vit.embedder_kernel_bank is False and "vision" in on_vit.reasons["embedder_kernel_bank"]
+    )
 
     # small images on the text backbone: 4 tokens through a stem; larger ones keep patches small
     digits = _info(input_kind="image2d", sample_shape=(1, 8, 8))
@@ -174,6 +181,9 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     assert image.head_flat is False
     table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
     assert table.augment is False and table.head_flat is False
+    assert not (table.embedder_kernel_bank or image.embedder_kernel_bank)
+    dense_series = _info(label_shape=(150,), **{**REGRESSION, "task_type": "dense_regression"})
+    assert resolve_spec(JobSpec(dataset_id="d"), dense_series).embedder_kernel_bank is False
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
