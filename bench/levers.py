@@ -136,6 +136,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "bank-noalign": ({"alignment": {"distance": "none"}}, {"embedder_kernel_bank": True}),
     # the default before session 9 (the bank off), for comparisons once `auto` turns it on
     "nobank": ({}, {"embedder_kernel_bank": False}),
+    "one-nobank": ({}, {"ensemble_members": 1, "embedder_kernel_bank": False}),
     "one-bank-nostem": (
         {},
         {"ensemble_members": 1, "embedder_kernel_bank": True, "embedder_stem": 0},
