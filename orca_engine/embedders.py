@@ -48,6 +48,12 @@ def sequence_pooling(patch_size: int) -> tuple[int, int]:
     return pool, pool * math.ceil(patch_size / pool)
 
 
+def check_runs(patch_size: int, pool_steps: int) -> None:
+    """A patch must hold a whole number of ``pool_steps``-step averaged runs."""
+    if pool_steps < 1 or patch_size % pool_steps:
+        raise ValueError(f"patch {patch_size} is not a whole number of {pool_steps}-step runs")
+
+
 def stem_kernel(patch_size: int, *, largest: int = SEQUENCE_STEM_MAX_KERNEL) -> int:
     """Odd stem window spanning a patch and its neighbours: 2 * patch + 1, within 3..``largest``."""
     return min(max(3, 2 * patch_size + 1), largest)
@@ -130,8 +136,7 @@ class KernelBank(nn.Module):
         pool_steps: int = 1,
     ) -> None:
         super().__init__()
-        if pool_steps < 1 or patch_size % pool_steps:
-            raise ValueError(f"patch {patch_size} is not a whole number of {pool_steps}-step runs")
+        check_runs(patch_size, pool_steps)
         self.pool_steps = int(pool_steps)
         self.n_tokens = math.ceil(int(length) / int(patch_size))
         # Lengths and patches below count averaged positions (steps when nothing is averaged).
@@ -166,13 +171,8 @@ class KernelBank(nn.Module):
     def _averaged(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool_steps == 1:
             return x
-        extra = self.length * self.pool_steps - x.shape[-1]
-        # ceil_mode with padding 0 averages a short last run over the steps it has
-        return (
-            F.avg_pool1d(x, self.pool_steps, ceil_mode=True)
-            if extra
-            else F.avg_pool1d(x, self.pool_steps)
-        )
+        # ceil_mode without padding averages a short last run over the steps it has
+        return F.avg_pool1d(x, self.pool_steps, ceil_mode=True)
 
     def _responses(self, x: torch.Tensor, dilation: int) -> torch.Tensor:
         return F.conv1d(x, self.weight.to(x.dtype), padding=4 * dilation, dilation=dilation)
@@ -198,9 +198,9 @@ class KernelBank(nn.Module):
         self.share_mean.copy_(shares.mean(0))
         self.share_scale.copy_(shares.std(0, unbiased=False).clamp_min(KERNEL_BANK_MIN_SCALE))
 
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return (self._shares(x) - self.share_mean) / self.share_scale
+        return (self._shares(x) - self.share_mean) / self.share_scale
 
     def _shares(self, x: torch.Tensor) -> torch.Tensor:
         """Raw shares of the series ``x`` (steps, not yet averaged)."""
@@ -214,15 +214,14 @@ class KernelBank(nn.Module):
             return torch.cat([self._pooled_shares(chunk) for chunk in x.split(rows)])
         pad = self.n_tokens * self.patch_size - self.length
         shares = []
-        with torch.no_grad():
-            for index, dilation in enumerate(self.dilations):
-                response = self._responses(x, dilation)  # (B, 84, L)
-                above = response.unsqueeze(2) > self.thresholds[index][None, :, :, None]
-                above = above.flatten(1, 2).float()
-                if pad:
-                    above = F.pad(above, (0, pad))
-                counts = F.avg_pool1d(above, self.patch_size) * self.patch_size
-                shares.append(counts / self.valid.to(counts.device))
+        for index, dilation in enumerate(self.dilations):
+            response = self._responses(x, dilation)  # (B, 84, L)
+            above = response.unsqueeze(2) > self.thresholds[index][None, :, :, None]
+            above = above.flatten(1, 2).float()
+            if pad:
+                above = F.pad(above, (0, pad))
+            counts = F.avg_pool1d(above, self.patch_size) * self.patch_size
+            shares.append(counts / self.valid)
         return torch.cat(shares, 1)
 
 
@@ -337,8 +336,7 @@ class SequenceEmbedder(Embedder):
         pool_steps: int = 1,
         kernel_dilations: list[int] | None = None,
     ) -> None:
-        if pool_steps < 1 or patch_size % pool_steps:
-            raise ValueError(f"patch {patch_size} is not a whole number of {pool_steps}-step runs")
+        check_runs(patch_size, pool_steps)
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
         n_tokens = math.ceil(length / patch_size)
         super().__init__(

@@ -431,14 +431,14 @@ def image_token_budget(sample_shape: Sequence[int], cap: int) -> int:
     return min(max(IMAGE_TOKEN_BUDGET, cells), cap)
 
 
+def _series_point_task(input_kind: str, task_type: str, family: str) -> bool:
+    """Point tasks on series read by a text body: where the flat head and kernel bank apply."""
+    return input_kind == "seq1d" and not task_type.startswith("dense_") and family != "vision"
+
+
 def kernel_bank_applies(input_kind: str, task_type: str, *, family: str) -> bool:
     """Whether ``auto`` gives this input a fixed kernel bank: point tasks on series, text bodies."""
-    return (
-        SEQUENCE_KERNEL_BANK
-        and input_kind == "seq1d"
-        and not task_type.startswith("dense_")
-        and family != "vision"
-    )
+    return SEQUENCE_KERNEL_BANK and _series_point_task(input_kind, task_type, family)
 
 
 def embedder_recipe(
@@ -582,12 +582,7 @@ def resolve_spec(
         info.input_kind, info.sample_shape, task_type, family=family, device_kind=kind
     )
     reasons["token_budget"], reasons["embedder_stem"] = budget_reason, stem_reason
-    head_flat = (
-        SEQUENCE_FLAT_HEAD
-        and info.input_kind == "seq1d"
-        and not task_type.startswith("dense_")
-        and family != "vision"
-    )
+    head_flat = SEQUENCE_FLAT_HEAD and _series_point_task(info.input_kind, task_type, family)
     reasons["head_flat"] = (
         "the head reads every token side by side, keeping which stretch of the series a "
         "feature came from (measured in docs/QUALITY.md)"
