@@ -137,6 +137,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # the default before session 9 (the bank off), for comparisons once `auto` turns it on
     "nobank": ({}, {"embedder_kernel_bank": False}),
     "one-nobank": ({}, {"ensemble_members": 1, "embedder_kernel_bank": False}),
+    # session 10: the flat head reads a learned mix of the body's input and all its layers
+    "layers": ({}, {"head_layer_mix": True}),
+    "one-layers": ({}, {"ensemble_members": 1, "head_layer_mix": True}),
+    # tables (and images): the flat head (variant "flat") with the layer mix
+    "flat-layers": ({}, {"head_flat": True, "head_layer_mix": True}),
     "one-bank-nostem": (
         {},
         {"ensemble_members": 1, "embedder_kernel_bank": True, "embedder_stem": 0},

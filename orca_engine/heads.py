@@ -69,19 +69,38 @@ class FlatHead(Head):
     Unlike the mean, it keeps which token (which stretch of a series) a feature came from, as a
     nearest-neighbour comparison of aligned series does. Only for bodies that keep one output
     token per input token (text bodies); others take the mean.
+
+    ``layers`` > 1: the head reads a learned softmax-weighted mix of the body's input and every
+    layer's output (``(layers, B, T, d)``, from :meth:`Backbone.layer_outputs`) instead of the
+    last layer alone; the mix starts even.
     """
 
     kind = "flat"
 
-    def __init__(self, in_dim: int, out_dim: int, *, n_tokens: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, *, n_tokens: int, layers: int = 1) -> None:
         super().__init__(in_dim, out_dim)
         self.n_tokens = int(n_tokens)
+        self.layers = int(layers)
         self.linear = nn.Linear(in_dim * self.n_tokens, out_dim)
+        self.layer_logits: nn.Parameter | None = None
+        if self.layers > 1:
+            self.layer_logits = nn.Parameter(torch.zeros(self.layers))
 
     def geometry(self) -> dict[str, Any]:
+        if self.layers > 1:  # absent for one layer, so older bundles rebuild unchanged
+            return {"n_tokens": self.n_tokens, "layers": self.layers}
         return {"n_tokens": self.n_tokens}
 
+    def layer_weights(self) -> torch.Tensor | None:
+        """The mix over the body's layer outputs (first: the body's input), or None."""
+        if self.layer_logits is None:
+            return None
+        return torch.softmax(self.layer_logits, 0)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weights = self.layer_weights()
+        if weights is not None:
+            hidden = torch.einsum("l,lbtd->btd", weights.to(hidden.dtype), hidden)
         return self.linear(hidden.flatten(1))
 
 
@@ -216,17 +235,24 @@ def create_head(
     out_dim: int,
     label_shape: tuple[int, ...],
     flat: bool = False,
+    layer_mix: bool = False,
 ) -> Head:
     """The head for ``task_type``; ``out_dim`` is classes, targets, or dense output channels K.
 
-    ``flat``: point tasks read every token (:class:`FlatHead`) where the body keeps them.
+    ``flat``: point tasks read every token (:class:`FlatHead`) where the body keeps them;
+    ``layer_mix`` (with ``flat``): that head reads a learned mix of all the body's layers.
     """
     if out_dim < 1:
         raise SpecError(f"a head needs out_dim >= 1, got {out_dim}", param="task.type")
     if task_type in POOLED_TASKS:
         keeps_tokens = backbone.family != "vision"
         head: Head = (
-            FlatHead(backbone.output_dim, out_dim, n_tokens=embedder.n_tokens)
+            FlatHead(
+                backbone.output_dim,
+                out_dim,
+                n_tokens=embedder.n_tokens,
+                layers=backbone.n_layer_outputs if layer_mix else 1,
+            )
             if flat and keeps_tokens
             else PooledHead(backbone.output_dim, out_dim)
         )

@@ -31,7 +31,10 @@ class OrcaModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Task outputs: ``(B, out_dim)`` for pooled tasks, ``(B, K, *spatial)`` for dense ones."""
-        return self.head(self.backbone(self.embedder(x), self.embedder.grid))
+        tokens = self.embedder(x)
+        if getattr(self.head, "layers", 1) > 1:
+            return self.head(torch.stack(self.backbone.layer_outputs(tokens, self.embedder.grid)))
+        return self.head(self.backbone(tokens, self.embedder.grid))
 
     @property
     def task_type(self) -> str:
@@ -63,6 +66,7 @@ def build_model(
     stem_channels: int = 0,
     flat_head: bool = False,
     kernel_bank: bool = False,
+    layer_mix: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -85,6 +89,7 @@ def build_model(
         out_dim=out_dim,
         label_shape=tuple(info.label_shape),
         flat=flat_head,
+        layer_mix=layer_mix,
     )
     return OrcaModel(embedder, backbone, head)
 

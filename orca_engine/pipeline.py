@@ -313,6 +313,7 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         stem_channels=rspec.embedder_stem,
         flat_head=rspec.head_flat,
         kernel_bank=rspec.embedder_kernel_bank,
+        layer_mix=rspec.head_layer_mix,
     )
 
 

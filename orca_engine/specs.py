@@ -12,9 +12,10 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
   would exceed 8 pixels a side; other inputs 64 tokens per sample on CPU, 128 on CUDA (the
   embedder and backbone may cap it further, e.g. to the backbone's 512 positions or to the
   sample's length);
-* ``head_flat``: point tasks on series (text backbones) read every output token side by side
-  instead of their mean;
-* ``embedder_kernel_bank``: the same series tasks also read each patch through a fixed bank of
+* ``head_flat``: point tasks on series and tables (text backbones) read every output token side
+  by side instead of their mean; on tables (``head_layer_mix``) from a learned mix of the
+  backbone's input and all its layers;
+* ``embedder_kernel_bank``: series point tasks also read each patch through a fixed bank of
   dilated filters (thresholds set from the training series), projected into every token;
 * ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
   selected only from half the epochs on (regression: any epoch);
@@ -74,6 +75,12 @@ SEQUENCE_FLAT_HEAD = True
 #: ... and their tokens also carry a fixed kernel bank's per-patch shares (docs/QUALITY.md,
 #: session 9)
 SEQUENCE_KERNEL_BANK = True
+#: point tasks on tables read by a text body read each feature's token side by side too
+#: (docs/QUALITY.md, session 10)
+TABLE_FLAT_HEAD = True
+#: inputs whose flat head reads a learned mix of the body's input and all its layers instead of
+#: the last layer alone (docs/QUALITY.md, session 10)
+LAYER_MIX_INPUTS = frozenset({"tabular"})
 #: images read by a text backbone get few tokens too, each built by a conv stem from a patch and
 #: its neighbours (docs/QUALITY.md, session 5: 8x8 digits 0.77 at 64 one-pixel tokens, 0.98 at
 #: 16 tokens of 2x2, 0.99 at 4 tokens of 4x4)
@@ -287,6 +294,8 @@ class ResolvedSpec(BaseModel):
     embedder_kernel_bank: bool = False
     #: point tasks: the head reads every token side by side, not their mean
     head_flat: bool = False
+    #: with head_flat: the head reads a learned mix of every body layer, not the last alone
+    head_layer_mix: bool = False
     #: share of the fine-tuning epochs before which no checkpoint is selected
     selection_start: Annotated[float, Field(ge=0, le=1)] = 0.0
     #: mixup strength for single-label classification (0: off)
@@ -436,6 +445,13 @@ def _series_point_task(input_kind: str, task_type: str, family: str) -> bool:
     return input_kind == "seq1d" and not task_type.startswith("dense_") and family != "vision"
 
 
+def flat_head_applies(input_kind: str, task_type: str, *, family: str) -> bool:
+    """Whether ``auto`` gives a point task a flat head: series and tables read by a text body."""
+    if input_kind == "tabular":
+        return TABLE_FLAT_HEAD and family != "vision" and not task_type.startswith("dense_")
+    return SEQUENCE_FLAT_HEAD and _series_point_task(input_kind, task_type, family)
+
+
 def kernel_bank_applies(input_kind: str, task_type: str, *, family: str) -> bool:
     """Whether ``auto`` gives this input a fixed kernel bank: point tasks on series, text bodies."""
     return SEQUENCE_KERNEL_BANK and _series_point_task(input_kind, task_type, family)
@@ -582,12 +598,20 @@ def resolve_spec(
         info.input_kind, info.sample_shape, task_type, family=family, device_kind=kind
     )
     reasons["token_budget"], reasons["embedder_stem"] = budget_reason, stem_reason
-    head_flat = SEQUENCE_FLAT_HEAD and _series_point_task(info.input_kind, task_type, family)
+    head_flat = flat_head_applies(info.input_kind, task_type, family=family)
     reasons["head_flat"] = (
-        "the head reads every token side by side, keeping which stretch of the series a "
-        "feature came from (measured in docs/QUALITY.md)"
+        "the head reads every token side by side, keeping which "
+        + ("stretch of the series" if info.input_kind == "seq1d" else "column")
+        + " a feature came from (measured in docs/QUALITY.md)"
         if head_flat
         else "the head averages the tokens"
+    )
+    head_layer_mix = head_flat and info.input_kind in LAYER_MIX_INPUTS
+    reasons["head_layer_mix"] = (
+        "the head reads a learned mix of the backbone's input and every layer's output, "
+        "starting even (measured in docs/QUALITY.md)"
+        if head_layer_mix
+        else "the head reads the backbone's last layer"
     )
     kernel_bank = kernel_bank_applies(info.input_kind, task_type, family=family)
     reasons["embedder_kernel_bank"] = (
@@ -695,6 +719,7 @@ def resolve_spec(
             ensemble_members=ensemble_members,
             embedder_stem=embedder_stem,
             head_flat=head_flat,
+            head_layer_mix=head_layer_mix,
             embedder_kernel_bank=kernel_bank,
             selection_start=selection_start,
             token_budget=token_budget,

@@ -39,6 +39,21 @@ class Backbone(nn.Module):
         """
         raise NotImplementedError
 
+    def layer_outputs(
+        self, tokens: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        """The body's input and every layer's output, each ``(B, T, output_dim)``, first to last.
+
+        Only bodies that keep one output token per input token and one width throughout (text
+        encoders) have them; the default has only the last.
+        """
+        return [self(tokens, grid)]
+
+    @property
+    def n_layer_outputs(self) -> int:
+        """How many tensors :meth:`layer_outputs` returns."""
+        return 1
+
     def output_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
         """The token grid of :meth:`forward`'s output for an input grid (differs for Swin)."""
         return grid

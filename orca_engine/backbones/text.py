@@ -102,6 +102,37 @@ class HFTextBackbone(Backbone):
         outputs = self.model.encoder(hidden, attention_mask=None)
         return outputs[0]
 
+    def _layers(self) -> list[nn.Module]:
+        layers = getattr(self.model.encoder, "layer", None)
+        return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+    def layer_outputs(
+        self, tokens: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        """The encoder's input and each layer's output (``num_hidden_layers + 1`` tensors).
+
+        Read with forward hooks on ``encoder.layer``: transformers 5 encoders no longer return
+        every hidden state when called directly.
+        """
+        project = getattr(self.model, "embeddings_project", None)
+        hidden = project(tokens) if project is not None else tokens
+        outputs: list[torch.Tensor] = [hidden]
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            outputs.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [layer.register_forward_hook(keep) for layer in self._layers()]
+        try:
+            self.model.encoder(hidden, attention_mask=None)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    @property
+    def n_layer_outputs(self) -> int:
+        return len(self._layers()) + 1
+
     def position_embeddings(
         self, n_tokens: int, grid: tuple[int, int] | None = None
     ) -> torch.Tensor | None:

@@ -180,7 +180,17 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     assert resolve_spec(JobSpec(dataset_id="d"), dense).head_flat is False
     assert image.head_flat is False
     table = resolve_spec(JobSpec(dataset_id="d"), _info(input_kind="tabular", sample_shape=(30,)))
-    assert table.augment is False and table.head_flat is False
+    # tables read every column's token side by side, from a mix of all the body's layers;
+    # series keep the last layer (the mix was level there), images and dense maps the mean
+    assert table.augment is False and table.head_flat is True and table.head_layer_mix is True
+    assert "column" in table.reasons["head_flat"]
+    assert "every layer" in table.reasons["head_layer_mix"]
+    assert not (series.head_layer_mix or image.head_layer_mix)
+    table_on_vit = resolve_spec(
+        JobSpec(dataset_id="d", backbone="tiny-vit"),
+        _info(input_kind="tabular", sample_shape=(30,)),
+    )
+    assert table_on_vit.head_flat is False and table_on_vit.head_layer_mix is False
     assert not (table.embedder_kernel_bank or image.embedder_kernel_bank)
     dense_series = _info(label_shape=(150,), **{**REGRESSION, "task_type": "dense_regression"})
     assert resolve_spec(JobSpec(dataset_id="d"), dense_series).embedder_kernel_bank is False
@@ -246,6 +256,52 @@ def test_flat_head_reads_each_token_in_its_place_and_survives_a_rebuild() -> Non
         ),
         PooledHead,
     )
+
+
+def test_layer_mix_head_reads_every_body_layer_and_survives_a_rebuild() -> None:
+    from orca_engine.model import OrcaModel, model_from_config
+
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    embedder = create_embedder("seq1d", (1, 40), backbone, token_budget=8, stem_channels=8)
+    head = create_head(
+        "classification",
+        backbone=backbone,
+        embedder=embedder,
+        out_dim=3,
+        label_shape=(),
+        flat=True,
+        layer_mix=True,
+    )
+    # tiny-bert has 2 layers: the body's input and both layers' outputs, mixed evenly at first
+    assert backbone.n_layer_outputs == 3 and head.config()["layers"] == 3
+    weights = head.layer_weights()
+    assert weights is not None
+    torch.testing.assert_close(weights, torch.full((3,), 1 / 3))
+    model = OrcaModel(embedder, backbone, head).eval()
+    x = torch.randn(4, 1, 40)
+    tokens = embedder(x)
+    layers = backbone.layer_outputs(tokens)
+    assert len(layers) == 3
+    torch.testing.assert_close(layers[0], tokens)  # the first is what the body was given
+    torch.testing.assert_close(layers[-1], backbone(tokens))  # the last is its usual output
+    torch.testing.assert_close(model(x), head.linear(torch.stack(layers).mean(0).flatten(1)))
+    # the mix is learned: the head's logits get a gradient
+    model(x).sum().backward()
+    assert head.layer_logits is not None and head.layer_logits.grad is not None
+    assert head.layer_logits.grad.abs().sum() > 0
+    with torch.no_grad():
+        head.layer_logits.copy_(torch.tensor([5.0, -5.0, 0.0]))
+    rebuilt = model_from_config(model.config()).eval()
+    rebuilt.load_state_dict(model.state_dict())  # strict: the logits are saved and restored
+    torch.testing.assert_close(rebuilt(x), model(x))
+    # without the mix a flat head's config has no "layers" key: older bundles rebuild unchanged
+    plain = create_head(
+        "classification", backbone=backbone, embedder=embedder, out_dim=3, label_shape=(), flat=True
+    )
+    assert "layers" not in plain.config() and plain.layer_weights() is None
+    # a body without per-layer outputs (the default) offers one: the mix is then a no-op
+    vision = create_backbone("tiny-vit", allow_random_init=True)
+    assert vision.n_layer_outputs == 1
 
 
 def test_sequence_stem_keeps_the_token_count_and_survives_a_rebuild() -> None:
