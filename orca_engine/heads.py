@@ -27,6 +27,8 @@ class Head(nn.Module):
     """Base: remembers its task and sizes so :meth:`config` can rebuild it."""
 
     kind: str
+    #: how many body layer outputs forward() takes (> 1: a ``(layers, B, T, d)`` stack)
+    layers: int = 1
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()

@@ -32,7 +32,7 @@ class OrcaModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Task outputs: ``(B, out_dim)`` for pooled tasks, ``(B, K, *spatial)`` for dense ones."""
         tokens = self.embedder(x)
-        if getattr(self.head, "layers", 1) > 1:
+        if self.head.layers > 1:
             return self.head(torch.stack(self.backbone.layer_outputs(tokens, self.embedder.grid)))
         return self.head(self.backbone(tokens, self.embedder.grid))
 

@@ -440,16 +440,20 @@ def image_token_budget(sample_shape: Sequence[int], cap: int) -> int:
     return min(max(IMAGE_TOKEN_BUDGET, cells), cap)
 
 
+def _point_task_on_text_body(task_type: str, family: str) -> bool:
+    """Point tasks read by a text body (one output token per input token)."""
+    return not task_type.startswith("dense_") and family != "vision"
+
+
 def _series_point_task(input_kind: str, task_type: str, family: str) -> bool:
     """Point tasks on series read by a text body: where the flat head and kernel bank apply."""
-    return input_kind == "seq1d" and not task_type.startswith("dense_") and family != "vision"
+    return input_kind == "seq1d" and _point_task_on_text_body(task_type, family)
 
 
 def flat_head_applies(input_kind: str, task_type: str, *, family: str) -> bool:
     """Whether ``auto`` gives a point task a flat head: series and tables read by a text body."""
-    if input_kind == "tabular":
-        return TABLE_FLAT_HEAD and family != "vision" and not task_type.startswith("dense_")
-    return SEQUENCE_FLAT_HEAD and _series_point_task(input_kind, task_type, family)
+    enabled = {"seq1d": SEQUENCE_FLAT_HEAD, "tabular": TABLE_FLAT_HEAD}.get(input_kind, False)
+    return enabled and _point_task_on_text_body(task_type, family)
 
 
 def kernel_bank_applies(input_kind: str, task_type: str, *, family: str) -> bool:
