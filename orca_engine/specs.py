@@ -20,7 +20,7 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
 * ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
   selected only from half the epochs on (regression: any epoch);
 * ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
-  training-sample passes (small datasets), else 1;
+  training-sample passes (small datasets; tables: passes times columns), else 1;
 * ``batch_size``: ``clip(n_train // 8, 8, 64)``, never more than the training rows;
 * ``finetune_epochs``: enough epochs for ~500 optimisation steps on CPU (~2000 on CUDA),
   between 3 and 100 (early stopping usually ends sooner);
@@ -129,6 +129,12 @@ ENSEMBLE_MAX_MEMBERS = 5
 #: five members of a ~500-step, batch-8 job on CPU (minutes on 2 cores); a large dataset's
 #: single run already spends it, so it gets one model
 ENSEMBLE_PASS_BUDGET = {"cpu": 25_000, "cuda": 5 * 2000 * 64}
+#: Tables count passes times tokens (one per column, up to the token budget), since a table's
+#: cost grows with its columns: five runs over a 10-column table of ~250 training rows (~760,000)
+#: took 340 s on the 2-core CPU, as long as a five-member series job, and gained 1.8 RMSE over
+#: one model (docs/QUALITY.md, session 11); one run over a 30-column table of ~320 rows
+#: (~590,000) already takes ~280 s, so it stays one model
+TABLE_ENSEMBLE_TOKEN_PASS_BUDGET = {"cpu": 1_000_000, "cuda": ENSEMBLE_PASS_BUDGET["cuda"] * 64}
 # Share of train held out for validation when the upload has none (load_dataset's default).
 VAL_FRACTION = 0.2
 
@@ -504,6 +510,12 @@ def embedder_recipe(
     return budget, stem, budget_reason, stem_reason
 
 
+def table_tokens(n_columns: int, token_budget: int) -> int:
+    """Tokens the embedder makes of a table row: one per column, or column groups past the budget."""
+    per_token = max(1, math.ceil(n_columns / max(1, token_budget)))
+    return math.ceil(n_columns / per_token)
+
+
 def resolve_spec(
     spec: JobSpec | dict[str, Any],
     info: DatasetInfo,
@@ -557,7 +569,9 @@ def resolve_spec(
     elif spec.alignment.epochs == "auto":
         align_epochs, align_auto = ALIGN_EPOCH_CAP[kind], True
         reasons["align_epochs"] = (
-            f"up to {align_epochs} epochs on {kind}, stopping early when the distance plateaus"
+            f"up to {align_epochs} epochs on {kind}, stopping early when the distance plateaus; "
+            "kept as ORCA's stage 2, not for a measured gain: on every small set measured so far "
+            "the same job without alignment scored level within the seed spread (docs/QUALITY.md)"
         )
     else:
         align_epochs, align_auto = int(spec.alignment.epochs), False
@@ -666,7 +680,11 @@ def resolve_spec(
     )
     total_steps = int(finetune_epochs) * math.ceil(n_train / int(batch_size))
     passes = total_steps * int(batch_size)
-    ensemble_members = max(1, min(ENSEMBLE_MAX_MEMBERS, ENSEMBLE_PASS_BUDGET[kind] // passes))
+    cost, budget, unit = passes, ENSEMBLE_PASS_BUDGET[kind], "training-sample passes"
+    if info.input_kind == "tabular":
+        cost *= table_tokens(info.sample_shape[0], token_budget)
+        budget, unit = TABLE_ENSEMBLE_TOKEN_PASS_BUDGET[kind], "token passes (samples x columns)"
+    ensemble_members = max(1, min(ENSEMBLE_MAX_MEMBERS, budget // cost))
     if n_train + validation_size(info) < 2 * ENSEMBLE_MAX_MEMBERS:
         ensemble_members = 1  # too few rows for folds with something in each
     if spec.finetune.ensemble_members != "auto":
@@ -685,9 +703,9 @@ def resolve_spec(
             f"{ensemble_members} cross-fitted members, each validated on its own fold and averaged: "
             "one small-data run swings with its split (docs/QUALITY.md)"
             if ensemble_members > 1
-            else f"one model: one run takes {passes} training-sample passes, and an ensemble may "
-            f"spend {ENSEMBLE_PASS_BUDGET[kind]} on {kind}"
-            if passes * 2 > ENSEMBLE_PASS_BUDGET[kind]
+            else f"one model: one run takes {cost} {unit}, and an ensemble may "
+            f"spend {budget} on {kind}"
+            if cost * 2 > budget
             else "one model: too few rows to cut folds"
         )
     ema_decay = ema_decay_for(total_steps) if smooth_and_average else 0.0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 from orca_engine.ensemble import combine_outputs, member_datasets, pooled_validation
-from orca_engine.specs import ENSEMBLE_MAX_MEMBERS, JobSpec, resolve_spec
+from orca_engine.specs import ENSEMBLE_MAX_MEMBERS, JobSpec, resolve_spec, table_tokens
 from tests.engine.test_refine_checkpoint import make_dataset
-from tests.engine.test_specs import _info
+from tests.engine.test_specs import REGRESSION, _info
 
 
 def test_classification_members_are_averaged_as_probabilities() -> None:
@@ -70,6 +72,26 @@ def test_auto_members_shrink_as_a_single_run_gets_dearer(n_train: int, members: 
     resolved = resolve_spec(JobSpec(dataset_id="d"), info)
     assert resolved.ensemble_members == members
     assert "ensemble_members" in resolved.reasons
+
+
+def test_tables_count_columns_in_the_cost_of_a_run() -> None:
+    # diabetes-sized (10 columns) gets the ensemble; the same rows with 30 columns cost three
+    # times as much per run, and breast_cancer-sized (30 columns, more rows) gets one model
+    def table(columns: int, rows: int) -> Any:
+        splits = {"train": rows, "val": 0, "test": 100}
+        info = _info(input_kind="tabular", sample_shape=(columns,), splits=splits, **REGRESSION)
+        return resolve_spec(JobSpec(dataset_id="d"), info)
+
+    assert table(10, 309).ensemble_members == ENSEMBLE_MAX_MEMBERS
+    assert table(30, 309).ensemble_members == 2
+    one = table(30, 398)
+    assert one.ensemble_members == 1
+    assert "samples x columns" in one.reasons["ensemble_members"]
+    # past the token budget columns share tokens, so the cost stops growing with them
+    assert table_tokens(10, 64) == 10 and table_tokens(64, 64) == 64
+    assert table_tokens(65, 64) == 33 and table_tokens(1000, 64) == 63
+    # series are counted in passes alone, as before: 150 steps read as 8 tokens
+    assert resolve_spec(JobSpec(dataset_id="d"), _info()).ensemble_members == ENSEMBLE_MAX_MEMBERS
 
 
 def test_members_can_be_set_in_the_spec_and_impossible_folds_are_refused() -> None:
