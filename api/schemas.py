@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.models import Dataset, DatasetAnalysis, Job, JobEvent, Model
-from orca_engine.specs import JobSpec
+from orca_engine.specs import JobSpec, ResolvedSpec
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -197,7 +197,11 @@ class JobPublic(BaseModel):
     attempts: int
     spec: dict[str, Any] = Field(description="the task spec as submitted (validated)")
     resolved_spec: dict[str, Any] | None = Field(
-        description="every `auto` made concrete by the engine (set when the job starts)"
+        description="every `auto` made concrete by the engine (set when the job starts); "
+        "`reasons` holds one line per value the engine chose",
+        # the stored dict is returned as is (a job resolved by an older engine keeps its
+        # fields), but the schema names the fields a current job carries
+        json_schema_extra={"properties": ResolvedSpec.model_json_schema()["properties"]},
     )
     created_at: datetime
     started_at: datetime | None

@@ -116,4 +116,9 @@ def test_openapi_has_bearer_auth_and_examples(client: TestClient) -> None:
     assert create_job["security"]
     assert "examples" in create_job["requestBody"]["content"]["application/json"]
     assert "multipart/form-data" in spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
+    # a job's resolved spec names the values a client can read, not just "an object"
+    resolved = spec["components"]["schemas"]["JobPublic"]["properties"]["resolved_spec"]
+    assert {"token_budget", "ensemble_members", "finetune_mode", "reasons"} <= set(
+        resolved["properties"]
+    )
     assert client.get("/docs").status_code == 200
