@@ -142,6 +142,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "one-layers": ({}, {"ensemble_members": 1, "head_layer_mix": True}),
     # tables (and images): the flat head (variant "flat") with the layer mix
     "flat-layers": ({}, {"head_flat": True, "head_layer_mix": True}),
+    # session 11: alignment and ensembles on tables, full fine-tuning with the bank (the
+    # concatenated-layers head ran from docs/data/s11-cat-head.patch applied to this tree)
+    "auto-noalign": ({"alignment": {"distance": "none"}}, {}),
+    "ens5": ({}, {"ensemble_members": 5}),
+    "ens5-noalign": ({"alignment": {"distance": "none"}}, {"ensemble_members": 5}),
+    "one-model": ({}, {"ensemble_members": 1}),
+    "one-model-noalign": ({"alignment": {"distance": "none"}}, {"ensemble_members": 1}),
+    "full": ({"finetune": {"mode": "full"}}, {}),
+    "full-noalign": ({"finetune": {"mode": "full"}, "alignment": {"distance": "none"}}, {}),
     "one-bank-nostem": (
         {},
         {"ensemble_members": 1, "embedder_kernel_bank": True, "embedder_stem": 0},
