@@ -19,13 +19,9 @@ from torch import nn
 
 from orca_engine.backbones.base import Backbone
 from orca_engine.errors import SpecError
+from orca_engine.specs import sequence_patch_size
 
 INPUT_KINDS = ("seq1d", "image2d", "tabular")
-
-
-def sequence_patch_size(length: int, max_tokens: int) -> int:
-    """Smallest patch length p with ``ceil(length / p) <= max_tokens``."""
-    return max(1, math.ceil(length / max(1, max_tokens)))
 
 
 #: widest stem window: series steps, and image pixels a side (a square window costs its square)

@@ -510,10 +510,17 @@ def embedder_recipe(
     return budget, stem, budget_reason, stem_reason
 
 
+def sequence_patch_size(length: int, max_tokens: int) -> int:
+    """Smallest patch length p with ``ceil(length / p) <= max_tokens``.
+
+    Here (torch-free) so that resolution can count the tokens the embedder will make.
+    """
+    return max(1, math.ceil(length / max(1, max_tokens)))
+
+
 def table_tokens(n_columns: int, token_budget: int) -> int:
     """Tokens the embedder makes of a table row: one per column, or column groups past the budget."""
-    per_token = max(1, math.ceil(n_columns / max(1, token_budget)))
-    return math.ceil(n_columns / per_token)
+    return math.ceil(n_columns / sequence_patch_size(n_columns, token_budget))
 
 
 def resolve_spec(
