@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     worker_heartbeat_seconds: float = 10.0
     worker_lost_after_seconds: float = 120.0
     job_max_attempts: int = 3
+    # A job queued at least this long while its broker queue holds no message at all is sent
+    # again: a broker without persistence (a restarted Redis) forgets queued messages.
+    queued_resend_after_seconds: float = 120.0
 
     # Largest JSON or .npy body accepted by POST /v1/models/{id}/predict.
     max_predict_body_bytes: int = 64 * 1024**2

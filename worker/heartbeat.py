@@ -3,7 +3,9 @@
 A worker that dies mid-job (killed, machine lost, OOM-killed) stops beating. Every worker runs
 :func:`reap_lost_jobs` periodically; it puts such jobs back on the queue (they resume from their last
 stage checkpoint) or fails them once they have used up ``job_max_attempts``. So no job stays
-``running`` forever, even on a broker that loses unacknowledged messages.
+``running`` forever, even on a broker that loses unacknowledged messages. The same loop runs
+:func:`resend_lost_messages`, which sends ``queued`` jobs again when their broker queue has lost
+every message (a Redis without persistence restarted), so no job stays ``queued`` forever either.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ logger = logging.getLogger("orca.worker")
 ACTIVE_STATUSES = ("running", "cancelling")
 
 Enqueue = Callable[[str, str], None]
+#: messages waiting in a broker queue (None: the broker could not be asked)
+QueueSize = Callable[[str], int | None]
 
 
 def utc_now() -> datetime:
@@ -199,6 +203,76 @@ def reap_lost_jobs(
     return changed
 
 
+def resend_lost_messages(
+    session: Session,
+    now: datetime | None = None,
+    *,
+    settings: Settings | None = None,
+    queue_size: QueueSize,
+    enqueue: Enqueue,
+) -> list[str]:
+    """Send again every job queued for ``queued_resend_after_seconds`` whose broker queue is empty.
+
+    A ``queued`` job's message waits in its broker queue until a worker takes it and claims the
+    job (``running``) within moments. So a job still ``queued`` after the grace period while its
+    queue holds no message at all has lost its message -- a broker without persistence restarted
+    -- and would wait forever. Sending it again is safe even in a race with a worker that just
+    took the original: :func:`worker.tasks.claim_job` ignores a duplicate delivery. A queue that
+    still holds messages (a backlog, or no worker for that device) is left alone, and so is one
+    the broker cannot report on. Returns the ids of the jobs sent again.
+    """
+    settings = settings or get_settings()
+    now = now or utc_now()
+    cutoff = now - timedelta(seconds=settings.queued_resend_after_seconds)
+    waiting = (
+        session.execute(
+            select(Job)
+            .where(Job.status == "queued")
+            .where(Job.created_at < cutoff)
+            .order_by(Job.created_at)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+    sizes: dict[str, int | None] = {}
+    resend: list[tuple[str, str]] = []
+    for job in waiting:
+        if job.queue not in sizes:
+            sizes[job.queue] = queue_size(job.queue)
+        if sizes[job.queue] != 0:
+            continue
+        resend.append((job.id, job.queue))
+        session.add(
+            JobEvent(
+                job_id=job.id,
+                kind="log",
+                message=f"its message was no longer in the broker's {job.queue!r} queue; sent again",
+                data={"status": "queued"},
+            )
+        )
+        logger.warning("job %s: queued without a broker message; sending it again", job.id)
+    session.commit()
+    for job_id, queue in resend:
+        enqueue(job_id, queue)
+    return [job_id for job_id, _ in resend]
+
+
+def broker_queue_size(celery_app: Any, queue: str) -> int | None:
+    """Messages ready in ``queue`` on ``celery_app``'s broker: 0 when the queue does not exist
+    (a restarted Redis keeps no empty lists), None when the broker cannot be asked."""
+    try:
+        with celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1)
+            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            return int(declared.message_count)
+    except Exception as error:
+        if "NOT_FOUND" in str(error) or str(getattr(error, "reply_code", "")) == "404":
+            return 0
+        logger.warning("could not read the size of broker queue %r: %s", queue, error)
+        return None
+
+
 def _default_enqueue(job_id: str, queue: str) -> None:
     from worker.celery_app import TASK_RUN_JOB, app
 
@@ -217,8 +291,10 @@ _reaper = _Reaper()
 
 
 def reaper_interval_seconds(settings: Settings) -> float:
-    """Check often enough to notice a lost job soon after ``worker_lost_after_seconds``."""
-    return max(1.0, min(settings.worker_lost_after_seconds / 3, 60.0))
+    """Check often enough to notice a lost job soon after ``worker_lost_after_seconds`` (and a
+    lost message soon after ``queued_resend_after_seconds``)."""
+    shortest = min(settings.worker_lost_after_seconds, settings.queued_resend_after_seconds)
+    return max(1.0, min(shortest / 3, 60.0))
 
 
 def start_reaper_thread(celery_app: Any) -> None:
@@ -238,6 +314,13 @@ def start_reaper_thread(celery_app: Any) -> None:
             try:
                 with session_scope() as session:
                     reap_lost_jobs(session, settings=settings, enqueue=enqueue)
+                with session_scope() as session:
+                    resend_lost_messages(
+                        session,
+                        settings=settings,
+                        queue_size=lambda queue: broker_queue_size(celery_app, queue),
+                        enqueue=enqueue,
+                    )
             except Exception:
                 logger.exception("reaping lost jobs failed; retrying in %.0f s", interval)
 

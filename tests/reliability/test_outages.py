@@ -103,6 +103,7 @@ def outage_stack(tmp_path: Path) -> Iterator[OutageStack]:
             database_url=database_url.replace(":5432/", f":{relay.port}/"),
             worker_heartbeat_seconds="1",
             worker_lost_after_seconds="600",
+            queued_resend_after_seconds="3",
             **common,
         )
         port = free_port()
@@ -153,6 +154,9 @@ def test_a_running_job_survives_a_database_outage_and_a_broker_restart(tmp_path:
         client = stack.client
         job_id = stack.create_refine_job(epochs)
         stack.wait_until_refining(job_id, below_progress=0.6)
+        # Queued behind the running job (one worker, one job at a time): its message waits in
+        # Redis and dies with it.
+        waiting_id = stack.create_refine_job(3)
 
         stack.relay.cut()
         stack.stop_redis()  # no persistence: the job's unacknowledged message is gone for good
@@ -167,6 +171,12 @@ def test_a_running_job_survives_a_database_outage_and_a_broker_restart(tmp_path:
         assert final["progress"] == 1.0 and final["model_id"]
         assert_complete_event_log(all_events(client, job_id), epochs)
         assert "database unreachable" in stack.worker.log()
+
+        # The queued job's message was lost with the broker; the worker's sweep sent it again.
+        waited = client.wait_for_status(waiting_id, TERMINAL, timeout=120, service_logs=stack.logs)
+        assert waited["status"] == "succeeded", (waited, stack.logs())
+        notes = [e["message"] for e in all_events(client, waiting_id)]
+        assert any("sent again" in note for note in notes), notes
 
         # The worker reconnected to the restarted broker: a new job runs to the end.
         second = client.create_job(tiny_spec(stack.dataset_id, seed=1))

@@ -295,3 +295,81 @@ def test_reap_lost_jobs_requeues_or_gives_up_and_leaves_live_jobs_alone() -> Non
             assert status["too_often"].error["code"] == "too_many_attempts"
             assert status["cancelling"].status == "cancelled"
             assert status["alive"].status == "running"
+
+
+def test_queued_jobs_whose_broker_message_is_gone_are_sent_again() -> None:
+    """A restarted Redis without persistence forgets queued messages; the sweep sends those jobs
+    again, once, and leaves alone a queue that still holds messages and jobs queued moments ago."""
+    from api.config import Settings
+    from api.models import Dataset, Tenant
+    from tests.worker.harness import dedicated_redis_db, fresh_postgres_database
+    from worker.celery_app import TASK_RUN_JOB, create_celery_app
+    from worker.heartbeat import broker_queue_size, resend_lost_messages
+
+    now = datetime.now(UTC)
+    long_ago = now - timedelta(seconds=600)
+    with fresh_postgres_database("orca_q") as url, dedicated_redis_db(13) as broker_url:
+        settings = Settings(database_url=url, broker_url=broker_url, queued_resend_after_seconds=60)
+        app = create_celery_app(settings)
+        with session_scope(url) as session:
+            tenant = Tenant(name="sweep")
+            session.add(tenant)
+            session.flush()
+            dataset = Dataset(
+                tenant_id=tenant.id,
+                name="d",
+                filename="d.npz",
+                format="npz",
+                sha256="0" * 64,
+                bytes=1,
+                storage_key="datasets/00/x.npz",
+            )
+            session.add(dataset)
+            session.flush()
+
+            def job(queue: str, **fields: Any) -> str:
+                row = Job(tenant_id=tenant.id, dataset_id=dataset.id, queue=queue, **fields)
+                session.add(row)
+                session.flush()
+                return row.id
+
+            lost = job("cpu", status="queued", created_at=long_ago)
+            just_created = job("cpu", status="queued", created_at=now)
+            behind_a_backlog = job("gpu", status="queued", created_at=long_ago)
+            running = job("cpu", status="running", created_at=long_ago, heartbeat_at=now)
+
+        def send(job_id: str, queue: str) -> None:
+            app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue)
+
+        send(behind_a_backlog, "gpu")  # its message is still in the broker
+        assert broker_queue_size(app, "cpu") == 0  # Redis keeps no empty list: "no queue" is 0
+        assert broker_queue_size(app, "gpu") == 1
+
+        def sweep() -> list[str]:
+            with session_scope(url) as session:
+                return resend_lost_messages(
+                    session,
+                    now,
+                    settings=settings,
+                    queue_size=lambda queue: broker_queue_size(app, queue),
+                    enqueue=send,
+                )
+
+        assert sweep() == [lost]
+        assert broker_queue_size(app, "cpu") == 1
+        assert sweep() == []  # its message waits in the queue now: not sent twice
+        with session_scope(url) as session:
+            notes = session.scalars(select(JobEvent.message).where(JobEvent.job_id == lost)).all()
+            assert [n for n in notes if "sent again" in n] == [
+                "its message was no longer in the broker's 'cpu' queue; sent again"
+            ]
+            for other in (just_created, behind_a_backlog, running):
+                assert (
+                    session.scalar(
+                        select(func.count()).select_from(JobEvent).where(JobEvent.job_id == other)
+                    )
+                    == 0
+                )
+
+    unreachable = create_celery_app(Settings(broker_url="redis://127.0.0.1:1/0"))
+    assert broker_queue_size(unreachable, "cpu") is None  # unknown: the sweep sends nothing
