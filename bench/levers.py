@@ -159,6 +159,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"alignment": {"distance": "none"}},
         {"ensemble_members": 1, "embedder_kernel_bank": True},
     ),
+    # session 12: a three-member ensemble for tables the budget gives one model (the bank's
+    # feature dropout and whole-series shares ran from docs/data/s12-bank-levers.patch applied
+    # to this tree)
+    "ens3": ({}, {"ensemble_members": 3}),
 }
 
 
