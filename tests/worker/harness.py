@@ -356,3 +356,25 @@ def create_api_key(database_url: str, tenant: str) -> str:
 
     with session_scope(database_url) as session:
         return create_key(session, tenant)
+
+
+def add_tenant_and_dataset(session: Any, tenant: str) -> tuple[str, str]:
+    """A tenant and a dataset row (no blob behind it) that job rows can point at; returns their
+    ids. For tests that write jobs straight into the database instead of uploading."""
+    from api.models import Dataset, Tenant
+
+    owner = Tenant(name=tenant)
+    session.add(owner)
+    session.flush()
+    dataset = Dataset(
+        tenant_id=owner.id,
+        name="d",
+        filename="d.npz",
+        format="npz",
+        sha256="0" * 64,
+        bytes=1,
+        storage_key="datasets/00/x.npz",
+    )
+    session.add(dataset)
+    session.flush()
+    return owner.id, dataset.id

@@ -17,26 +17,14 @@ from sqlalchemy.exc import OperationalError
 
 import worker.reporting as reporting
 from api.db import run_migrations, session_scope
-from api.models import Dataset, Job, JobEvent, Tenant
+from api.models import Job, JobEvent
+from tests.worker.harness import add_tenant_and_dataset
 
 
 def _job(url: str) -> str:
     with session_scope(url) as session:
-        tenant = Tenant(name="events")
-        session.add(tenant)
-        session.flush()
-        dataset = Dataset(
-            tenant_id=tenant.id,
-            name="d",
-            filename="d.npz",
-            format="npz",
-            sha256="0" * 64,
-            bytes=1,
-            storage_key="datasets/00/x.npz",
-        )
-        session.add(dataset)
-        session.flush()
-        job = Job(tenant_id=tenant.id, dataset_id=dataset.id, queue="cpu", status="running")
+        tenant_id, dataset_id = add_tenant_and_dataset(session, "events")
+        job = Job(tenant_id=tenant_id, dataset_id=dataset_id, queue="cpu", status="running")
         session.add(job)
         session.flush()
         return str(job.id)

@@ -232,8 +232,7 @@ def _tenant_of(stack: Stack, dataset_id: str) -> str:
 
 def test_reap_lost_jobs_requeues_or_gives_up_and_leaves_live_jobs_alone() -> None:
     from api.config import Settings
-    from api.models import Dataset, Tenant
-    from tests.worker.harness import fresh_postgres_database
+    from tests.worker.harness import add_tenant_and_dataset, fresh_postgres_database
     from worker.heartbeat import reap_lost_jobs
 
     now = datetime.now(UTC)
@@ -241,23 +240,10 @@ def test_reap_lost_jobs_requeues_or_gives_up_and_leaves_live_jobs_alone() -> Non
     with fresh_postgres_database("orca_r") as url:
         settings = Settings(database_url=url, worker_lost_after_seconds=60, job_max_attempts=2)
         with session_scope(url) as session:
-            tenant = Tenant(name="reaper")
-            session.add(tenant)
-            session.flush()
-            dataset = Dataset(
-                tenant_id=tenant.id,
-                name="d",
-                filename="d.npz",
-                format="npz",
-                sha256="0" * 64,
-                bytes=1,
-                storage_key="datasets/00/x.npz",
-            )
-            session.add(dataset)
-            session.flush()
+            tenant_id, dataset_id = add_tenant_and_dataset(session, "reaper")
 
             def job(**fields: Any) -> Job:
-                row = Job(tenant_id=tenant.id, dataset_id=dataset.id, queue="gpu", **fields)
+                row = Job(tenant_id=tenant_id, dataset_id=dataset_id, queue="gpu", **fields)
                 session.add(row)
                 return row
 
@@ -301,8 +287,11 @@ def test_queued_jobs_whose_broker_message_is_gone_are_sent_again() -> None:
     """A restarted Redis without persistence forgets queued messages; the sweep sends those jobs
     again, once, and leaves alone a queue that still holds messages and jobs queued moments ago."""
     from api.config import Settings
-    from api.models import Dataset, Tenant
-    from tests.worker.harness import dedicated_redis_db, fresh_postgres_database
+    from tests.worker.harness import (
+        add_tenant_and_dataset,
+        dedicated_redis_db,
+        fresh_postgres_database,
+    )
     from worker.celery_app import TASK_RUN_JOB, create_celery_app
     from worker.heartbeat import broker_queue_size, resend_lost_messages
 
@@ -312,23 +301,10 @@ def test_queued_jobs_whose_broker_message_is_gone_are_sent_again() -> None:
         settings = Settings(database_url=url, broker_url=broker_url, queued_resend_after_seconds=60)
         app = create_celery_app(settings)
         with session_scope(url) as session:
-            tenant = Tenant(name="sweep")
-            session.add(tenant)
-            session.flush()
-            dataset = Dataset(
-                tenant_id=tenant.id,
-                name="d",
-                filename="d.npz",
-                format="npz",
-                sha256="0" * 64,
-                bytes=1,
-                storage_key="datasets/00/x.npz",
-            )
-            session.add(dataset)
-            session.flush()
+            tenant_id, dataset_id = add_tenant_and_dataset(session, "sweep")
 
             def job(queue: str, **fields: Any) -> str:
-                row = Job(tenant_id=tenant.id, dataset_id=dataset.id, queue=queue, **fields)
+                row = Job(tenant_id=tenant_id, dataset_id=dataset_id, queue=queue, **fields)
                 session.add(row)
                 session.flush()
                 return row.id
