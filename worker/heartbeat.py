@@ -10,6 +10,7 @@ every message (a Redis without persistence restarted), so no job stays ``queued`
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -273,10 +274,17 @@ def broker_queue_size(celery_app: Any, queue: str) -> int | None:
         return None
 
 
-def _default_enqueue(job_id: str, queue: str) -> None:
-    from worker.celery_app import TASK_RUN_JOB, app
+def _send_run_job(celery_app: Any, job_id: str, queue: str) -> None:
+    """Send ``job_id`` to ``queue`` through ``celery_app`` (how every resend reaches a worker)."""
+    from worker.celery_app import TASK_RUN_JOB
 
-    app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue)
+    celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue)
+
+
+def _default_enqueue(job_id: str, queue: str) -> None:
+    from worker.celery_app import app
+
+    _send_run_job(app, job_id, queue)
 
 
 class _Reaper:
@@ -304,10 +312,7 @@ def start_reaper_thread(celery_app: Any) -> None:
     settings = get_settings()
     interval = reaper_interval_seconds(settings)
 
-    def enqueue(job_id: str, queue: str) -> None:
-        from worker.celery_app import TASK_RUN_JOB
-
-        celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue)
+    enqueue = functools.partial(_send_run_job, celery_app)
 
     def loop() -> None:
         while not _reaper.stop.wait(interval):
