@@ -163,6 +163,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # feature dropout and whole-series shares ran from docs/data/s12-bank-levers.patch applied
     # to this tree)
     "ens3": ({}, {"ensemble_members": 3}),
+    # session 13: ten cross-fitted members on ten folds (each trains on 90% of the rows); the
+    # refit variants (members trained again on every row) ran from docs/data/s13-refit.patch
+    "ens10": ({}, {"ensemble_members": 10}),
+    # session 13: alignment run five times longer, without the plateau stop
+    "align150": ({"alignment": {"epochs": 150}}, {}),
 }
 
 

@@ -577,8 +577,9 @@ def resolve_spec(
         align_epochs, align_auto = ALIGN_EPOCH_CAP[kind], True
         reasons["align_epochs"] = (
             f"up to {align_epochs} epochs on {kind}, stopping early when the distance plateaus; "
-            "kept as ORCA's stage 2, not for a measured gain: on every small set measured so far "
-            "the same job without alignment scored level within the seed spread (docs/QUALITY.md)"
+            "kept as ORCA's stage 2, not for a measured gain: on the small sets measured so far "
+            "the same job without alignment scored level within the seed spread, or about a "
+            "point lower on one (docs/QUALITY.md)"
         )
     else:
         align_epochs, align_auto = int(spec.alignment.epochs), False
