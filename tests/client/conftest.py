@@ -14,17 +14,7 @@ import numpy as np
 import pytest
 
 from orca_client import Client
-from tests.worker.harness import (
-    REPO_ROOT,
-    Service,
-    create_api_key,
-    dedicated_redis_db,
-    free_port,
-    fresh_postgres_database,
-    service_env,
-    start_api,
-    start_worker,
-)
+from tests.worker.harness import REPO_ROOT, Service, create_api_key, running_stack
 
 CLIENT_TESTS_REDIS_DB = 9
 LABELS = np.array(["ramp", "sine"])
@@ -91,32 +81,23 @@ class ClientStack:
 
 @pytest.fixture(scope="package")
 def client_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientStack]:
-    data_dir = tmp_path_factory.mktemp("orca-client-data")
-    log_dir = tmp_path_factory.mktemp("orca-client-logs")
-    with (
-        fresh_postgres_database("orca_c") as database_url,
-        dedicated_redis_db(CLIENT_TESTS_REDIS_DB) as broker_url,
-    ):
-        env = service_env(
-            database_url=database_url,
-            broker_url=broker_url,
-            data_dir=str(data_dir),
-            events_poll_seconds="0.2",
-            max_concurrent_jobs_per_tenant="20",
+    with running_stack(
+        tmp_path_factory,
+        "client",
+        redis_db=CLIENT_TESTS_REDIS_DB,
+        queues="cpu,gpu",
+        events_poll_seconds="0.2",
+        max_concurrent_jobs_per_tenant="20",
+    ) as running:
+        api_key = create_api_key(running.database_url, "client-tests")
+        yield ClientStack(
+            running.url,
+            api_key,
+            running.database_url,
+            running.api,
+            running.worker,
+            running.broker_url,
         )
-        port = free_port()
-        api = start_api(env, log_dir, port=port)
-        worker = None
-        try:
-            worker = start_worker(env, log_dir, queues="cpu,gpu", name="client")
-            api_key = create_api_key(database_url, "client-tests")
-            yield ClientStack(
-                f"http://127.0.0.1:{port}", api_key, database_url, api, worker, broker_url
-            )
-        finally:
-            if worker is not None:
-                worker.stop()
-            api.stop()
 
 
 @pytest.fixture

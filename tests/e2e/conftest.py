@@ -8,17 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.worker.harness import (
-    ApiClient,
-    Service,
-    create_api_key,
-    dedicated_redis_db,
-    free_port,
-    fresh_postgres_database,
-    service_env,
-    start_api,
-    start_worker,
-)
+from tests.worker.harness import ApiClient, Service, create_api_key, running_stack
 
 E2E_REDIS_DB = 12
 
@@ -37,27 +27,15 @@ class ProductionStack:
 
 @pytest.fixture(scope="package")
 def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProductionStack]:
-    data_dir = tmp_path_factory.mktemp("orca-e2e-data")
-    log_dir = tmp_path_factory.mktemp("orca-e2e-logs")
-    with (
-        fresh_postgres_database("orca_e2e") as database_url,
-        dedicated_redis_db(E2E_REDIS_DB) as broker_url,
-    ):
-        env = service_env(
-            database_url=database_url,
-            broker_url=broker_url,
-            data_dir=str(data_dir),
-            worker_heartbeat_seconds="2",
+    # Like a machine without GPUs: one worker takes both queues.
+    with running_stack(
+        tmp_path_factory,
+        "e2e",
+        redis_db=E2E_REDIS_DB,
+        queues="cpu,gpu",
+        worker_heartbeat_seconds="2",
+    ) as running:
+        client = ApiClient(running.url, create_api_key(running.database_url, "e2e"))
+        yield ProductionStack(
+            running.database_url, running.env, running.api, running.worker, client
         )
-        port = free_port()
-        api = start_api(env, log_dir, port=port)
-        worker = None
-        try:
-            # Like a machine without GPUs: one worker takes both queues.
-            worker = start_worker(env, log_dir, queues="cpu,gpu", name="e2e")
-            client = ApiClient(f"http://127.0.0.1:{port}", create_api_key(database_url, "e2e"))
-            yield ProductionStack(database_url, env, api, worker, client)
-        finally:
-            if worker is not None:
-                worker.stop()
-            api.stop()

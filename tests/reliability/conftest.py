@@ -12,17 +12,7 @@ import pytest
 
 from api.db import session_scope
 from api.models import Job
-from tests.worker.harness import (
-    ApiClient,
-    Service,
-    create_api_key,
-    dedicated_redis_db,
-    free_port,
-    fresh_postgres_database,
-    service_env,
-    start_api,
-    start_worker,
-)
+from tests.worker.harness import ApiClient, Service, create_api_key, running_stack
 
 RELIABILITY_REDIS_DB = 12
 HEARTBEAT_SECONDS = 1.0
@@ -66,29 +56,23 @@ class FaultStack:
 
 @pytest.fixture(scope="package")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
-    data_dir = tmp_path_factory.mktemp("orca-fault-data")
-    log_dir = tmp_path_factory.mktemp("orca-fault-logs")
-    with (
-        fresh_postgres_database("orca_f") as database_url,
-        dedicated_redis_db(RELIABILITY_REDIS_DB) as broker_url,
-    ):
-        env = service_env(
-            database_url=database_url,
-            broker_url=broker_url,
-            data_dir=str(data_dir),
-            worker_heartbeat_seconds=str(HEARTBEAT_SECONDS),
-            worker_lost_after_seconds=str(LOST_AFTER_SECONDS),
-            job_max_attempts=str(MAX_ATTEMPTS),
-            max_concurrent_jobs_per_tenant="20",
+    with running_stack(
+        tmp_path_factory,
+        "fault",
+        redis_db=RELIABILITY_REDIS_DB,
+        worker_heartbeat_seconds=str(HEARTBEAT_SECONDS),
+        worker_lost_after_seconds=str(LOST_AFTER_SECONDS),
+        job_max_attempts=str(MAX_ATTEMPTS),
+        max_concurrent_jobs_per_tenant="20",
+    ) as running:
+        client = ApiClient(running.url, create_api_key(running.database_url, "faults"))
+        yield FaultStack(
+            running.database_url,
+            running.broker_url,
+            running.data_dir,
+            running.log_dir,
+            running.env,
+            running.api,
+            running.worker,
+            client,
         )
-        port = free_port()
-        api = start_api(env, log_dir, port=port)
-        worker = None
-        try:
-            worker = start_worker(env, log_dir, queues="cpu", name="fault-worker")
-            client = ApiClient(f"http://127.0.0.1:{port}", create_api_key(database_url, "faults"))
-            yield FaultStack(database_url, broker_url, data_dir, log_dir, env, api, worker, client)
-        finally:
-            if worker is not None:
-                worker.stop()
-            api.stop()

@@ -229,6 +229,64 @@ def start_api(env: dict[str, str], log_dir: Path, *, port: int) -> Service:
     return service
 
 
+@dataclass
+class RunningStack:
+    """What :func:`running_stack` started: the API on ``url`` and one worker, on fresh stores."""
+
+    database_url: str
+    broker_url: str
+    data_dir: Path
+    log_dir: Path
+    env: dict[str, str]
+    api: Service
+    worker: Service
+    url: str
+
+
+@contextlib.contextmanager
+def running_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    redis_db: int,
+    queues: str = "cpu",
+    **orca_settings: str,
+) -> Iterator[RunningStack]:
+    """A fresh Postgres database and Redis db, the API under uvicorn and one Celery worker
+    (``name``) consuming ``queues``, all stopped on exit; ``orca_settings`` go to the env."""
+    data_dir = tmp_path_factory.mktemp(f"orca-{name}-data")
+    log_dir = tmp_path_factory.mktemp(f"orca-{name}-logs")
+    with (
+        fresh_postgres_database(f"orca_{name}") as database_url,
+        dedicated_redis_db(redis_db) as broker_url,
+    ):
+        env = service_env(
+            database_url=database_url,
+            broker_url=broker_url,
+            data_dir=str(data_dir),
+            **orca_settings,
+        )
+        port = free_port()
+        api = start_api(env, log_dir, port=port)
+        worker = None
+        try:
+            worker = start_worker(env, log_dir, queues=queues, name=name)
+            yield RunningStack(
+                database_url,
+                broker_url,
+                data_dir,
+                log_dir,
+                env,
+                api,
+                worker,
+                f"http://127.0.0.1:{port}",
+            )
+        finally:
+            if worker is not None:
+                worker.stop()
+            api.stop()
+
+
 def wait_for_http(url: str, service: Service, *, timeout: float) -> None:
     def live() -> bool:
         if not service.alive():
