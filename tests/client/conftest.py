@@ -8,13 +8,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
 from orca_client import Client
-from tests.worker.harness import REPO_ROOT, Service, create_api_key, running_stack
+from tests.worker.harness import REPO_ROOT, RunningStack, create_api_key, running_stack
 
 CLIENT_TESTS_REDIS_DB = 9
 LABELS = np.array(["ramp", "sine"])
@@ -41,16 +41,10 @@ def tiny_arrays(n: int, *, length: int = 32, seed: int = 0) -> tuple[np.ndarray,
 
 
 @dataclass
-class ClientStack:
-    url: str
+class ClientStack(RunningStack):
     api_key: str
-    database_url: str
-    api: Service
-    worker: Service
-    broker_url: str
 
-    def logs(self) -> str:
-        return f"--- worker log ---\n{self.worker.tail(60)}\n--- api log ---\n{self.api.tail(30)}"
+    log_tail: ClassVar[tuple[int, int]] = (60, 30)
 
     def client(self) -> Client:
         return Client(self.url, self.api_key, timeout=60)
@@ -90,14 +84,7 @@ def client_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientSta
         max_concurrent_jobs_per_tenant="20",
     ) as running:
         api_key = create_api_key(running.database_url, "client-tests")
-        yield ClientStack(
-            running.url,
-            api_key,
-            running.database_url,
-            running.api,
-            running.worker,
-            running.broker_url,
-        )
+        yield ClientStack(**vars(running), api_key=api_key)
 
 
 @pytest.fixture

@@ -8,21 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.worker.harness import ApiClient, Service, create_api_key, running_stack
+from tests.worker.harness import ApiClient, RunningStack, create_api_key, running_stack
 
 E2E_REDIS_DB = 12
 
 
 @dataclass
-class ProductionStack:
-    database_url: str
-    env: dict[str, str]
-    api: Service
-    worker: Service
+class ProductionStack(RunningStack):
     client: ApiClient
-
-    def logs(self) -> str:
-        return f"--- worker log ---\n{self.worker.tail(80)}\n--- api log ---\n{self.api.tail(30)}"
 
 
 @pytest.fixture(scope="package")
@@ -36,6 +29,4 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         worker_heartbeat_seconds="2",
     ) as running:
         client = ApiClient(running.url, create_api_key(running.database_url, "e2e"))
-        yield ProductionStack(
-            running.database_url, running.env, running.api, running.worker, client
-        )
+        yield ProductionStack(**vars(running), client=client)

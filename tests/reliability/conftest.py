@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from api.db import session_scope
 from api.models import Job
-from tests.worker.harness import ApiClient, Service, create_api_key, running_stack
+from tests.worker.harness import ApiClient, RunningStack, create_api_key, running_stack
 
 RELIABILITY_REDIS_DB = 12
 HEARTBEAT_SECONDS = 1.0
@@ -21,22 +20,10 @@ MAX_ATTEMPTS = 2
 
 
 @dataclass
-class FaultStack:
-    database_url: str
-    broker_url: str
-    data_dir: Path
-    log_dir: Path
-    env: dict[str, str]
-    api: Service
-    worker: Service
+class FaultStack(RunningStack):
     client: ApiClient
 
-    @property
-    def storage_dir(self) -> Path:
-        return self.data_dir / "storage"
-
-    def logs(self) -> str:
-        return f"--- worker log ---\n{self.worker.tail(60)}\n--- api log ---\n{self.api.tail(20)}"
+    log_tail: ClassVar[tuple[int, int]] = (60, 20)
 
     def job_row(self, job_id: str) -> dict[str, Any]:
         """The job as the database has it (status, attempts, worker, error, metrics)."""
@@ -66,13 +53,4 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack
         max_concurrent_jobs_per_tenant="20",
     ) as running:
         client = ApiClient(running.url, create_api_key(running.database_url, "faults"))
-        yield FaultStack(
-            running.database_url,
-            running.broker_url,
-            running.data_dir,
-            running.log_dir,
-            running.env,
-            running.api,
-            running.worker,
-            client,
-        )
+        yield FaultStack(**vars(running), client=client)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests.worker.harness import ApiClient, Service, create_api_key, running_stack
+from tests.worker.harness import ApiClient, RunningStack, create_api_key, running_stack
 
 WORKER_TESTS_REDIS_DB = 11
 HEARTBEAT_SECONDS = 1.0
@@ -17,21 +16,8 @@ LOST_AFTER_SECONDS = 8.0
 
 
 @dataclass
-class Stack:
-    database_url: str
-    broker_url: str
-    data_dir: Path
-    env: dict[str, str]
-    api: Service
-    worker: Service
+class Stack(RunningStack):
     client: ApiClient
-
-    def logs(self) -> str:
-        return f"--- worker log ---\n{self.worker.tail(80)}\n--- api log ---\n{self.api.tail(30)}"
-
-    @property
-    def storage_dir(self) -> Path:
-        return self.data_dir / "storage"
 
 
 @pytest.fixture(scope="package")
@@ -46,12 +32,4 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         max_concurrent_jobs_per_tenant="20",
     ) as running:
         client = ApiClient(running.url, create_api_key(running.database_url, "workers"))
-        yield Stack(
-            running.database_url,
-            running.broker_url,
-            running.data_dir,
-            running.env,
-            running.api,
-            running.worker,
-            client,
-        )
+        yield Stack(**vars(running), client=client)

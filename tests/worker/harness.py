@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import numpy as np
@@ -241,6 +241,20 @@ class RunningStack:
     api: Service
     worker: Service
     url: str
+
+    #: how many lines of the worker's and the API's log :meth:`logs` shows
+    log_tail: ClassVar[tuple[int, int]] = (80, 30)
+
+    def logs(self) -> str:
+        worker_lines, api_lines = self.log_tail
+        return (
+            f"--- worker log ---\n{self.worker.tail(worker_lines)}\n"
+            f"--- api log ---\n{self.api.tail(api_lines)}"
+        )
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
 
 
 @contextlib.contextmanager
