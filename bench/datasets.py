@@ -47,6 +47,12 @@ BURGERS_GRID = 64
 BURGERS_SAMPLES = 400
 BURGERS_MODES = 5
 BURGERS_DT = 2.5e-3
+#: 1D Darcy flow -(a u')' = 1 on [0, 1], u(0) = u(1) = 0: the permeability a -> the pressure u
+DARCY_SOLVER_POINTS = 1024
+DARCY_GRID = 64
+DARCY_SAMPLES = 400
+DARCY_MODES = 8
+DARCY_HIGH, DARCY_LOW = 12.0, 3.0
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -195,6 +201,43 @@ def burgers_initial_conditions(n: int, points: int, seed: int) -> np.ndarray:
     return np.asarray(u0 / np.abs(u0).max(axis=1, keepdims=True))
 
 
+def darcy_coefficients(n: int, points: int, seed: int) -> np.ndarray:
+    """Two-valued permeability fields (as in the 2D Darcy benchmark): a smooth random field
+    of a few Fourier modes, ``DARCY_HIGH`` where it is positive and ``DARCY_LOW`` elsewhere."""
+    rng = np.random.default_rng(seed)
+    x = (np.arange(points) + 0.5) / points
+    modes = np.arange(1, DARCY_MODES + 1)
+    field = rng.normal(size=(n, DARCY_MODES)) / modes @ np.sin(np.pi * np.outer(modes, x))
+    field += rng.normal(size=(n, 1)) * 0.3
+    return np.where(field > 0, DARCY_HIGH, DARCY_LOW)
+
+
+def darcy_solve(a: np.ndarray) -> np.ndarray:
+    """The pressure of ``-(a u')' = 1``, ``u(0) = u(1) = 0``, for ``a`` on cell midpoints.
+
+    Exact for piecewise-constant ``a``: the flux is ``a u' = c - x``, so ``u' = (c - x) / a``,
+    and ``c`` makes ``u(1) = 0``; ``u`` is returned at the same midpoints.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    points = a.shape[-1]
+    h = 1.0 / points
+    x = (np.arange(points) + 0.5) * h
+    c = (x / a).sum(-1, keepdims=True) / (1.0 / a).sum(-1, keepdims=True)
+    # u' = (c - s) / a is linear in s inside a cell: its mean over a stretch is its midpoint value
+    left = np.concatenate([np.zeros((len(a), 1)), np.cumsum((c - x) / a * h, -1)[:, :-1]], -1)
+    return np.asarray(left + (c - (x - h / 4)) / a * (h / 2))
+
+
+def _darcy() -> Arrays:
+    a = darcy_coefficients(DARCY_SAMPLES, DARCY_SOLVER_POINTS, seed=SPLIT_SEED)
+    u = darcy_solve(a)
+    stride = DARCY_SOLVER_POINTS // DARCY_GRID
+    x = a[:, None, stride // 2 :: stride].astype(np.float32)
+    y = u[:, None, stride // 2 :: stride].astype(np.float32)
+    n_train = round(DARCY_SAMPLES * (1 - TEST_FRACTION))
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
 def _burgers() -> Arrays:
     u0 = burgers_initial_conditions(BURGERS_SAMPLES, BURGERS_SOLVER_POINTS, seed=SPLIT_SEED)
     u_end = burgers_solve(u0)
@@ -270,6 +313,7 @@ _BASE: list[DatasetMeta] = [
     DatasetMeta("breast_cancer", "tabular", "classification", "accuracy", _breast_cancer),
     DatasetMeta("diabetes", "tabular", "regression", "rmse", _diabetes),
     DatasetMeta("burgers", "field", "dense_regression", "relative_l2", _burgers),
+    DatasetMeta("darcy1d", "field", "dense_regression", "relative_l2", _darcy),
 ]
 
 DATASETS: dict[str, DatasetMeta] = {meta.name: meta for meta in _BASE}

@@ -6,9 +6,10 @@
 * ``hgb``: scikit-learn ``HistGradientBoosting{Classifier,Regressor}`` for tables;
 * ``linear``: standardised logistic regression (classification) or ``RidgeCV`` (regression,
   dense fields) on the flattened input — the simplest baseline;
-* ``cnn``: a small CNN trained from scratch in torch (2D for images, 1D circular for fields),
-  with the same epoch budget as the ORCA methods and checkpoint selection on a 20% validation
-  split of train (as the engine does).
+* ``cnn``: a small CNN trained from scratch in torch (2D for images; for fields, 1D dilated
+  convolutions plus a learned pointwise map of the input, trained once with zero and once with
+  circular padding, the better on validation kept), with the same epoch budget as the ORCA
+  methods and checkpoint selection on a 20% validation split of train (as the engine does).
 
 Every peer is seeded, trains on train only and reports the engine's metrics on test.
 """
@@ -37,10 +38,14 @@ PEERS_FOR_KIND: dict[str, tuple[str, ...]] = {
 STRONG_PEER = {"series": "minirocket", "tabular": "hgb", "image": "cnn", "field": "cnn"}
 PEER_METHODS = ("minirocket", "1nn", "hgb", "linear", "cnn")
 #: bump when a peer's recipe changes so its cached results rerun
-PEER_VERSION = 1
+PEER_VERSION = 2
 CNN_LR = 1e-3
 CNN_BATCH = 32
 CNN_VAL_FRACTION = 0.2
+FIELD_DILATIONS = (1, 2, 4, 8)
+#: fields: each padding is trained and the one with the lower validation error kept (periodic
+#: fields want circular, bounded ones zeros; a user would try both)
+FIELD_PADDINGS = ("zeros", "circular")
 
 
 def applies(method: str, meta: DatasetMeta) -> bool:
@@ -108,7 +113,9 @@ def _linear(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.nda
 # --- small CNN -----------------------------------------------------------------------------------
 
 
-def _cnn_model(meta: DatasetMeta, in_channels: int, n_classes: int) -> nn.Module:
+def _cnn_model(
+    meta: DatasetMeta, in_channels: int, n_classes: int, padding: str = "zeros"
+) -> nn.Module:
     if meta.kind == "image":
         return nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1),
@@ -125,22 +132,29 @@ def _cnn_model(meta: DatasetMeta, in_channels: int, n_classes: int) -> nn.Module
     width = 64
     layers: list[nn.Module] = []
     channels = in_channels
-    for _ in range(4):
-        layers += [nn.Conv1d(channels, width, 5, padding=2, padding_mode="circular"), nn.GELU()]
+    for dilation in FIELD_DILATIONS:  # receptive field 61 points: most fields' whole width
+        layers += [
+            nn.Conv1d(
+                channels, width, 5, padding=2 * dilation, dilation=dilation, padding_mode=padding
+            ),
+            nn.GELU(),
+        ]
         channels = width
     layers.append(nn.Conv1d(width, in_channels, 1))
-    return Residual(nn.Sequential(*layers))
+    return LinearSkip(nn.Sequential(*layers), in_channels)
 
 
-class Residual(nn.Module):
-    """Predicts the change from the input field to the output field (same shape)."""
+class LinearSkip(nn.Module):
+    """The conv body plus a learned pointwise linear map of the input (the change from the
+    input where output and input are alike, as in Burgers; nothing where they are not)."""
 
-    def __init__(self, body: nn.Module) -> None:
+    def __init__(self, body: nn.Module, channels: int) -> None:
         super().__init__()
         self.body = body
+        self.skip = nn.Conv1d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        return self.skip(x) + self.body(x)
 
 
 def _cnn(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarray:
@@ -151,7 +165,9 @@ def _cnn(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarra
     n_val = max(1, round(len(x_train) * CNN_VAL_FRACTION))
     val_rows, fit_rows = order[:n_val], order[n_val:]
     mean, std = float(x_train[fit_rows].mean()), float(x_train[fit_rows].std()) or 1.0
-    scale = 1.0 if classify else std  # fields: predict in the input's standardised units
+    # fields: predict the target in its own standardised units
+    y_mean = 0.0 if classify else float(y_train[fit_rows].mean())
+    scale = 1.0 if classify else float(y_train[fit_rows].std()) or 1.0
 
     def tensor(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor((np.nan_to_num(x) - mean) / std, dtype=torch.float32)
@@ -159,44 +175,52 @@ def _cnn(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarra
     def target(y: np.ndarray) -> torch.Tensor:
         if classify:
             return torch.as_tensor(y, dtype=torch.long)
-        return torch.as_tensor((y - mean) / scale, dtype=torch.float32)
+        return torch.as_tensor((y - y_mean) / scale, dtype=torch.float32)
 
-    torch.manual_seed(seed)
     n_classes = int(y_train.max()) + 1 if classify else 0
-    model = _cnn_model(meta, x_train.shape[1], n_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=CNN_LR)
     loss_fn: Callable[..., Any] = (
         torch.nn.functional.cross_entropy if classify else torch.nn.functional.mse_loss
     )
     x_fit, y_fit = tensor(x_train[fit_rows]), target(y_train[fit_rows])
     x_val, y_val = tensor(x_train[val_rows]), target(y_train[val_rows])
-    generator = torch.Generator().manual_seed(seed)
-    best_state, best_score = None, -math.inf
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(x_fit), generator=generator).split(CNN_BATCH):
-            optimizer.zero_grad()
-            loss_fn(model(x_fit[batch]), y_fit[batch]).backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            out = model(x_val)
-            score = (
-                float((out.argmax(1) == y_val).float().mean())
-                if classify
-                else -float(loss_fn(out, y_val))
-            )
-        if score > best_score:
-            best_score = score
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
+
+    def fit(model: nn.Module) -> tuple[nn.Module, float]:
+        """Train ``model``; return it at its best validation epoch, and that score."""
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=CNN_LR)
+        best_state, best_score = None, -math.inf
+        for _ in range(epochs):
+            model.train()
+            for batch in torch.randperm(len(x_fit), generator=generator).split(CNN_BATCH):
+                optimizer.zero_grad()
+                loss_fn(model(x_fit[batch]), y_fit[batch]).backward()
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                out = model(x_val)
+                score = (
+                    float((out.argmax(1) == y_val).float().mean())
+                    if classify
+                    else -float(loss_fn(out, y_val))
+                )
+            if score > best_score:
+                best_score = score
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        return model, best_score
+
+    candidates = []
+    for padding in ("zeros",) if meta.kind == "image" else FIELD_PADDINGS:
+        torch.manual_seed(seed)
+        candidates.append(fit(_cnn_model(meta, x_train.shape[1], n_classes, padding)))
+    model = max(candidates, key=lambda pair: pair[1])[0]
     model.eval()
     with torch.no_grad():
         out = model(tensor(x_test))
     if classify:
         return np.asarray(out.argmax(1).numpy())
-    return np.asarray(out.numpy() * scale + mean)
+    return np.asarray(out.numpy() * scale + y_mean)
 
 
 PEERS: dict[str, Callable[[Arrays, DatasetMeta, int, int], np.ndarray]] = {

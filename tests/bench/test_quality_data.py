@@ -126,6 +126,32 @@ def test_burgers_dataset_maps_fields_to_fields() -> None:
     assert change.mean() > 0.2
 
 
+def test_darcy_solver_matches_the_exact_solution_for_one_jump() -> None:
+    # a = a1 on [0, 1/2), a2 on [1/2, 1]: u' = (c - x) / a, continuous flux, u(0) = u(1) = 0.
+    points, a1, a2 = 1024, 3.0, 12.0
+    x = (np.arange(points) + 0.5) / points
+    a = np.where(x < 0.5, a1, a2)
+    c = (0.125 / a1 + 0.375 / a2) / (0.5 / a1 + 0.5 / a2)
+    exact = np.where(
+        x < 0.5,
+        (c * x - x**2 / 2) / a1,
+        (c * 0.5 - 0.125) / a1 + (c * (x - 0.5) - (x**2 - 0.25) / 2) / a2,
+    )
+    solved = ds.darcy_solve(a)[0]
+    assert np.max(np.abs(solved - exact)) < 1e-9 * np.max(np.abs(exact))
+
+
+def test_darcy_dataset_maps_two_valued_permeability_to_pressure() -> None:
+    x_train, y_train, x_test, y_test = ds.build_arrays("darcy1d")
+    assert x_train.shape == y_train.shape == (280, 1, ds.DARCY_GRID)
+    assert x_test.shape == y_test.shape == (120, 1, ds.DARCY_GRID)
+    assert set(np.unique(x_train)) == {ds.DARCY_LOW, ds.DARCY_HIGH}
+    assert (y_train > 0).all()  # -(a u')' = 1 > 0 with zero ends: the pressure is positive
+    np.testing.assert_array_equal(
+        ds.darcy_coefficients(4, 64, seed=0), ds.darcy_coefficients(4, 64, seed=0)
+    )
+
+
 def test_dataset_files_are_cached(tmp_path: Path) -> None:
     path = ds.dataset_path("ItalyPowerDemand", tmp_path)
     stamp = path.stat().st_mtime_ns
