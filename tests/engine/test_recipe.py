@@ -25,6 +25,7 @@ from orca_engine.errors import SpecError
 from orca_engine.heads import PooledHead, create_head, head_from_config
 from orca_engine.refine import WeightAverage, mixup_pairs, refine
 from orca_engine.specs import (
+    DENSE_EPOCH_FACTOR,
     EMA_HORIZON_STEPS,
     LAYERNORM_BELOW_ROWS,
     RETIRED_FIELDS,
@@ -219,6 +220,24 @@ def test_auto_mode_tunes_only_layernorms_on_small_training_sets() -> None:
     assert "LayerNorms" in small.reasons["finetune_mode"]
     explicit = resolve_spec({"dataset_id": "d", "finetune": {"mode": "full"}}, _info())
     assert "finetune_mode" not in explicit.reasons
+
+
+def test_auto_mode_trains_every_weight_on_dense_tasks_of_any_size() -> None:
+    dense = _info(label_shape=(150,), **{**REGRESSION, "task_type": "dense_regression"})
+    resolved = resolve_spec(JobSpec(dataset_id="d"), dense)
+    assert resolved.finetune_mode == "full" and resolved.lr == pytest.approx(1e-4)
+    assert "dense task" in resolved.reasons["finetune_mode"]
+    # ... and twice the epochs a point task of the same size gets
+    point = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
+    assert resolved.finetune_epochs == DENSE_EPOCH_FACTOR * point.finetune_epochs == 2 * 100
+    assert "dense task" in resolved.reasons["finetune_epochs"]
+    fixed = resolve_spec({"dataset_id": "d", "finetune": {"epochs": 7}}, dense)
+    assert fixed.finetune_epochs == 7
+    # the rule is the task's, not the size's: the same small set as a point task stays on
+    # LayerNorms, and an explicit mode still wins
+    assert resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION)).finetune_mode == "layernorm"
+    explicit = resolve_spec({"dataset_id": "d", "finetune": {"mode": "layernorm"}}, dense)
+    assert explicit.finetune_mode == "layernorm"
 
 
 # --- embedder stem, late selection, mixup -----------------------------------------------------
