@@ -168,6 +168,17 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ens10": ({}, {"ensemble_members": 10}),
     # session 13: alignment run five times longer, without the plateau stop
     "align150": ({"alignment": {"epochs": 150}}, {}),
+    # session 14, dense fields (burgers, darcy1d: 63 epochs is what a point task of their size
+    # gets, so 126 is what `auto` now resolves for them); the input-skip variants ran from
+    # docs/data/s14-input-skip.patch applied to this tree
+    "full-ep2": ({"finetune": {"mode": "full", "epochs": 126}}, {}),
+    "full-ep2-noalign": (
+        {"finetune": {"mode": "full", "epochs": 126}, "alignment": {"distance": "none"}},
+        {},
+    ),
+    "full-t16": ({"finetune": {"mode": "full"}}, {"token_budget": 16}),
+    # the dense default before session 14, for comparisons now that `auto` trains every weight
+    "ln-ep1": ({"finetune": {"mode": "layernorm", "epochs": 63}}, {}),
 }
 
 
