@@ -599,13 +599,14 @@ def resolve_spec(
     if finetune_epochs == "auto":
         steps_per_epoch = math.ceil(n_train / int(batch_size))
         wanted = math.ceil(TARGET_STEPS[kind] / steps_per_epoch)
-        finetune_epochs = min(max(wanted, MIN_FINETUNE_EPOCHS), MAX_FINETUNE_EPOCHS)
+        point_epochs = min(max(wanted, MIN_FINETUNE_EPOCHS), MAX_FINETUNE_EPOCHS)
+        dense_task = task_type.startswith("dense_")
+        finetune_epochs = point_epochs * (DENSE_EPOCH_FACTOR if dense_task else 1)
         reasons["finetune_epochs"] = (
             f"about {TARGET_STEPS[kind]} optimisation steps on {kind} at {steps_per_epoch} steps "
             f"per epoch, within [{MIN_FINETUNE_EPOCHS}, {MAX_FINETUNE_EPOCHS}]"
         )
-        if task_type.startswith("dense_"):
-            finetune_epochs *= DENSE_EPOCH_FACTOR
+        if dense_task:
             reasons["finetune_epochs"] += (
                 f", times {DENSE_EPOCH_FACTOR} for a dense task: at the point tasks' budget "
                 "its training error was still level with its validation error, and twice the "
