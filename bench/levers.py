@@ -169,8 +169,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # session 13: alignment run five times longer, without the plateau stop
     "align150": ({"alignment": {"epochs": 150}}, {}),
     # session 14, dense fields (burgers, darcy1d: 63 epochs is what a point task of their size
-    # gets, so 126 is what `auto` now resolves for them); the input-skip variants ran from
-    # docs/data/s14-input-skip.patch applied to this tree
+    # gets, so 126 is what `auto` now resolves for them); the dense-head variants ran from
+    # docs/data/s14-dense-heads.patch applied to this tree
     "full-ep2": ({"finetune": {"mode": "full", "epochs": 126}}, {}),
     "full-ep2-noalign": (
         {"finetune": {"mode": "full", "epochs": 126}, "alignment": {"distance": "none"}},
