@@ -177,6 +177,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {},
     ),
     "full-t16": ({"finetune": {"mode": "full"}}, {"token_budget": 16}),
+    "full-ep2-lr3": ({"finetune": {"mode": "full", "epochs": 126, "lr": 3e-4}}, {}),
     # the dense default before session 14, for comparisons now that `auto` trains every weight
     "ln-ep1": ({"finetune": {"mode": "layernorm", "epochs": 63}}, {}),
 }
