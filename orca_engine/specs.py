@@ -595,18 +595,19 @@ def resolve_spec(
         reasons["batch_size"] = (
             f"clip(n_train // 8, {MIN_BATCH}, {MAX_BATCH}) for {n_train} training samples"
         )
+    # dense tasks (per-position labels) get their own epochs and mode rules below
+    dense = task_type.startswith("dense_")
     finetune_epochs = spec.finetune.epochs
     if finetune_epochs == "auto":
         steps_per_epoch = math.ceil(n_train / int(batch_size))
         wanted = math.ceil(TARGET_STEPS[kind] / steps_per_epoch)
         point_epochs = min(max(wanted, MIN_FINETUNE_EPOCHS), MAX_FINETUNE_EPOCHS)
-        dense_task = task_type.startswith("dense_")
-        finetune_epochs = point_epochs * (DENSE_EPOCH_FACTOR if dense_task else 1)
+        finetune_epochs = point_epochs * (DENSE_EPOCH_FACTOR if dense else 1)
         reasons["finetune_epochs"] = (
             f"about {TARGET_STEPS[kind]} optimisation steps on {kind} at {steps_per_epoch} steps "
             f"per epoch, within [{MIN_FINETUNE_EPOCHS}, {MAX_FINETUNE_EPOCHS}]"
         )
-        if dense_task:
+        if dense:
             reasons["finetune_epochs"] += (
                 f", times {DENSE_EPOCH_FACTOR} for a dense task: at the point tasks' budget "
                 "its training error was still level with its validation error, and twice the "
@@ -614,7 +615,6 @@ def resolve_spec(
             )
     mode: str = spec.finetune.mode
     if mode == "auto":
-        dense = task_type.startswith("dense_")
         mode = "full" if dense or n_train >= LAYERNORM_BELOW_ROWS else "layernorm"
         if dense:
             reasons["finetune_mode"] = (

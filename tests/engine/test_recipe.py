@@ -235,7 +235,7 @@ def test_auto_mode_trains_every_weight_on_dense_tasks_of_any_size() -> None:
     assert fixed.finetune_epochs == 7
     # the rule is the task's, not the size's: the same small set as a point task stays on
     # LayerNorms, and an explicit mode still wins
-    assert resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION)).finetune_mode == "layernorm"
+    assert point.finetune_mode == "layernorm"
     explicit = resolve_spec({"dataset_id": "d", "finetune": {"mode": "layernorm"}}, dense)
     assert explicit.finetune_mode == "layernorm"
 
