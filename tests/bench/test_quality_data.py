@@ -126,6 +126,40 @@ def test_burgers_dataset_maps_fields_to_fields() -> None:
     assert change.mean() > 0.2
 
 
+def test_allen_cahn_solver_matches_the_uniform_solution() -> None:
+    # A uniform field solves u' = u - u^3: u(t) = u0 e^t / sqrt(1 + u0^2 (e^{2t} - 1)).
+    u0, t_end = 0.2, 1.5
+    solved = ds.allen_cahn_solve(np.full((1, 32), u0), t_end=t_end)[0]
+    grow = np.exp(t_end)
+    exact = u0 * grow / np.sqrt(1 + u0**2 * (grow**2 - 1))
+    np.testing.assert_allclose(solved, exact, rtol=1e-9)
+
+
+def test_allen_cahn_solver_grows_small_modes_at_the_linear_rate() -> None:
+    # A tiny mode cos(kx) follows the linearised equation: amplitude e^{(1 - D k^2) t}.
+    points, eps, t_end = 128, 1e-7, 1.0
+    x = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    for k in (1, 3, 6):  # 1 - 0.05 k^2: grows, shrinks slowly, shrinks fast
+        solved = ds.allen_cahn_solve(eps * np.cos(k * x), diffusivity=0.05, t_end=t_end)[0]
+        rate = 1 - 0.05 * k**2
+        np.testing.assert_allclose(
+            solved, eps * np.exp(rate * t_end) * np.cos(k * x), atol=1e-12 * eps
+        )
+
+
+def test_allen_cahn_dataset_separates_phases() -> None:
+    x_train, y_train, x_test, y_test = ds.build_arrays("allen_cahn")
+    assert x_train.shape == y_train.shape == (280, 1, ds.BURGERS_GRID)
+    assert x_test.shape == y_test.shape == (120, 1, ds.BURGERS_GRID)
+    assert np.abs(x_train).max() == pytest.approx(ds.ALLEN_CAHN_AMPLITUDE)
+    # The field grows towards the stable phases +-1 but never past them (maximum principle),
+    # and the map is far from the identity.
+    assert np.abs(y_train).max() < 1.0
+    assert np.abs(y_train).mean() > 1.5 * np.abs(x_train).mean()
+    change = np.linalg.norm(y_test - x_test, axis=-1) / np.linalg.norm(y_test, axis=-1)
+    assert change.mean() > 0.2
+
+
 def test_darcy_solver_matches_the_exact_solution_for_one_jump() -> None:
     # a = a1 on [0, 1/2), a2 on [1/2, 1]: u' = (c - x) / a, continuous flux, u(0) = u(1) = 0.
     points, a1, a2 = 1024, 3.0, 12.0
