@@ -180,6 +180,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "full-ep2-lr3": ({"finetune": {"mode": "full", "epochs": 126, "lr": 3e-4}}, {}),
     # the dense default before session 14, for comparisons now that `auto` trains every weight
     "ln-ep1": ({"finetune": {"mode": "layernorm", "epochs": 63}}, {}),
+    # session 15: the rate of everything that trains in `layernorm` mode (LayerNorms, embedder
+    # with the kernel bank's projection, head; `auto` is 1e-3), three times up and down
+    "lr3e-3": ({"finetune": {"lr": 3e-3}}, {}),
+    "lr3e-4": ({"finetune": {"lr": 3e-4}}, {}),
 }
 
 

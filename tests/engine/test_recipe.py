@@ -26,6 +26,7 @@ from orca_engine.heads import PooledHead, create_head, head_from_config
 from orca_engine.refine import WeightAverage, mixup_pairs, refine
 from orca_engine.specs import (
     DENSE_EPOCH_FACTOR,
+    DENSE_FULL_LR_FACTOR,
     EMA_HORIZON_STEPS,
     LAYERNORM_BELOW_ROWS,
     RETIRED_FIELDS,
@@ -225,8 +226,13 @@ def test_auto_mode_tunes_only_layernorms_on_small_training_sets() -> None:
 def test_auto_mode_trains_every_weight_on_dense_tasks_of_any_size() -> None:
     dense = _info(label_shape=(150,), **{**REGRESSION, "task_type": "dense_regression"})
     resolved = resolve_spec(JobSpec(dataset_id="d"), dense)
-    assert resolved.finetune_mode == "full" and resolved.lr == pytest.approx(1e-4)
-    assert "dense task" in resolved.reasons["finetune_mode"]
+    assert resolved.finetune_mode == "full" and "dense task" in resolved.reasons["finetune_mode"]
+    # ... at three times the rate a point task training every weight gets
+    assert resolved.lr == pytest.approx(DENSE_FULL_LR_FACTOR * 1e-4) == pytest.approx(3e-4)
+    assert "dense task" in resolved.reasons["lr"]
+    large = {"splits": {"train": 5000, "val": 0, "test": 150}}
+    large_point = resolve_spec(JobSpec(dataset_id="d"), _info(**large, **REGRESSION))
+    assert large_point.finetune_mode == "full" and large_point.lr == pytest.approx(1e-4)
     # ... and twice the epochs a point task of the same size gets
     point = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert resolved.finetune_epochs == DENSE_EPOCH_FACTOR * point.finetune_epochs == 2 * 100
@@ -237,7 +243,10 @@ def test_auto_mode_trains_every_weight_on_dense_tasks_of_any_size() -> None:
     # LayerNorms, and an explicit mode still wins
     assert point.finetune_mode == "layernorm"
     explicit = resolve_spec({"dataset_id": "d", "finetune": {"mode": "layernorm"}}, dense)
-    assert explicit.finetune_mode == "layernorm"
+    assert explicit.finetune_mode == "layernorm" and explicit.lr == pytest.approx(1e-3)
+    # an explicit rate is taken as given
+    rate = resolve_spec({"dataset_id": "d", "finetune": {"lr": 5e-5}}, dense)
+    assert rate.finetune_mode == "full" and rate.lr == pytest.approx(5e-5)
 
 
 # --- embedder stem, late selection, mixup -----------------------------------------------------
