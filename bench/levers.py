@@ -144,6 +144,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "flat-layers": ({}, {"head_flat": True, "head_layer_mix": True}),
     # session 11: alignment and ensembles on tables, full fine-tuning with the bank (the
     # concatenated-layers head ran from docs/data/s11-cat-head.patch applied to this tree)
+    # (session 15 reran it on the dense fields, where `auto` is every weight, twice the epochs
+    # and three times the rate)
     "auto-noalign": ({"alignment": {"distance": "none"}}, {}),
     "ens5": ({}, {"ensemble_members": 5}),
     "ens5-noalign": ({"alignment": {"distance": "none"}}, {"ensemble_members": 5}),
@@ -184,6 +186,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # with the kernel bank's projection, head; `auto` is 1e-3), three times up and down
     "lr3e-3": ({"finetune": {"lr": 3e-3}}, {}),
     "lr3e-4": ({"finetune": {"lr": 3e-4}}, {}),
+    # session 15: `auto` with 16 tokens (dense fields at the new rate)
+    "auto-t16": ({}, {"token_budget": 16}),
+    # session 15: `auto` without early stopping (the cosine schedule runs to its floor)
+    "auto-nostop": ({"finetune": {"early_stopping_patience": 0}}, {}),
 }
 
 
