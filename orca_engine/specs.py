@@ -645,7 +645,8 @@ def resolve_spec(
         }[mode]
         reasons["lr"] = f"{optimizer} with mode {mode} ({trained})"
         if dense and mode == "full":
-            lr *= DENSE_FULL_LR_FACTOR
+            # rounded, so the stored spec reads 3e-4, not 3.0000000000000003e-4
+            lr = float(f"{lr * DENSE_FULL_LR_FACTOR:.12g}")
             reasons["lr"] += (
                 f", times {DENSE_FULL_LR_FACTOR:g} for a dense task: on three 1D fields this "
                 "lowered the error on two and was level on the third (docs/QUALITY.md)"

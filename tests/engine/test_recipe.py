@@ -228,7 +228,7 @@ def test_auto_mode_trains_every_weight_on_dense_tasks_of_any_size() -> None:
     resolved = resolve_spec(JobSpec(dataset_id="d"), dense)
     assert resolved.finetune_mode == "full" and "dense task" in resolved.reasons["finetune_mode"]
     # ... at three times the rate a point task training every weight gets
-    assert resolved.lr == pytest.approx(DENSE_FULL_LR_FACTOR * 1e-4) == pytest.approx(3e-4)
+    assert resolved.lr == pytest.approx(DENSE_FULL_LR_FACTOR * 1e-4) and resolved.lr == 3e-4
     assert "dense task" in resolved.reasons["lr"]
     large = {"splits": {"train": 5000, "val": 0, "test": 150}}
     large_point = resolve_spec(JobSpec(dataset_id="d"), _info(**large, **REGRESSION))
