@@ -280,26 +280,24 @@ def _darcy() -> Arrays:
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-def _allen_cahn() -> Arrays:
-    u0 = ALLEN_CAHN_AMPLITUDE * burgers_initial_conditions(
-        BURGERS_SAMPLES, BURGERS_SOLVER_POINTS, seed=ALLEN_CAHN_SEED
-    )
-    u_end = allen_cahn_solve(u0)
+def _periodic_field(u0: np.ndarray, solve: Callable[[np.ndarray], np.ndarray]) -> Arrays:
+    """``u0 -> solve(u0)`` on the solver grid, read on the output grid and split 70/30."""
+    u_end = solve(u0)
     stride = BURGERS_SOLVER_POINTS // BURGERS_GRID
     x = u0[:, None, ::stride].astype(np.float32)
     y = u_end[:, None, ::stride].astype(np.float32)
-    n_train = round(BURGERS_SAMPLES * (1 - TEST_FRACTION))
+    n_train = round(len(u0) * (1 - TEST_FRACTION))
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def _allen_cahn() -> Arrays:
+    u0 = burgers_initial_conditions(BURGERS_SAMPLES, BURGERS_SOLVER_POINTS, seed=ALLEN_CAHN_SEED)
+    return _periodic_field(ALLEN_CAHN_AMPLITUDE * u0, allen_cahn_solve)
 
 
 def _burgers() -> Arrays:
     u0 = burgers_initial_conditions(BURGERS_SAMPLES, BURGERS_SOLVER_POINTS, seed=SPLIT_SEED)
-    u_end = burgers_solve(u0)
-    stride = BURGERS_SOLVER_POINTS // BURGERS_GRID
-    x = u0[:, None, ::stride].astype(np.float32)
-    y = u_end[:, None, ::stride].astype(np.float32)
-    n_train = round(BURGERS_SAMPLES * (1 - TEST_FRACTION))
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    return _periodic_field(u0, burgers_solve)
 
 
 # --- data-limited variants -----------------------------------------------------------------------
