@@ -283,7 +283,7 @@ def _darcy() -> Arrays:
 def _periodic_field(u0: np.ndarray, solve: Callable[[np.ndarray], np.ndarray]) -> Arrays:
     """``u0 -> solve(u0)`` on the solver grid, read on the output grid and split 70/30."""
     u_end = solve(u0)
-    stride = BURGERS_SOLVER_POINTS // BURGERS_GRID
+    stride = u0.shape[-1] // BURGERS_GRID
     x = u0[:, None, ::stride].astype(np.float32)
     y = u_end[:, None, ::stride].astype(np.float32)
     n_train = round(len(u0) * (1 - TEST_FRACTION))
