@@ -20,7 +20,8 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
 * ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
   selected only from half the epochs on (regression: any epoch);
 * ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
-  training-sample passes (small datasets; tables: passes times columns), else 1;
+  training-sample passes (small datasets; tables: passes times columns; dense tasks: passes
+  times tokens, in a larger budget of their own), else 1;
 * ``batch_size``: ``clip(n_train // 8, 8, 64)``, never more than the training rows;
 * ``finetune_epochs``: enough epochs for ~500 optimisation steps on CPU (~2000 on CUDA),
   between 3 and 100 (early stopping usually ends sooner); dense tasks twice that;
@@ -143,6 +144,16 @@ ENSEMBLE_PASS_BUDGET = {"cpu": 25_000, "cuda": 5 * 2000 * 64}
 #: one model (docs/QUALITY.md, session 11); one run over a 30-column table of ~320 rows
 #: (~590,000) already takes ~280 s, so it stays one model
 TABLE_ENSEMBLE_TOKEN_PASS_BUDGET = {"cpu": 1_000_000, "cuda": ENSEMBLE_PASS_BUDGET["cuda"] * 64}
+#: Dense tasks get a budget of their own, in passes times tokens (a 2D map at 64 tokens costs
+#: eight times a 1D field at 8): three cross-fitted members lowered the error on 280-row 1D fields,
+#: where one run takes ~28,000 passes of 8 tokens (docs/QUALITY.md, sessions 15-16), and three
+#: such runs took 389 s on the 2-core CPU. The budget buys three at that size (224 training rows
+#: after the validation share), five up to ~140 rows, two up to ~350 and one model beyond; a
+#: dense run costs at most ~65,000 passes (TARGET_STEPS caps its steps)
+DENSE_ENSEMBLE_TOKEN_PASS_BUDGET = {
+    "cpu": 720_000,
+    "cuda": ENSEMBLE_PASS_BUDGET["cuda"] * SEQUENCE_TOKEN_BUDGET,
+}
 # Share of train held out for validation when the upload has none (load_dataset's default).
 VAL_FRACTION = 0.2
 
@@ -720,7 +731,11 @@ def resolve_spec(
     total_steps = int(finetune_epochs) * math.ceil(n_train / int(batch_size))
     passes = total_steps * int(batch_size)
     cost, budget, unit = passes, ENSEMBLE_PASS_BUDGET[kind], "training-sample passes"
-    if info.input_kind == "tabular":
+    if dense:
+        cost *= min(token_budget, math.prod(info.sample_shape[1:]))
+        budget = DENSE_ENSEMBLE_TOKEN_PASS_BUDGET[kind]
+        unit = "token passes (samples x tokens) of a dense task"
+    elif info.input_kind == "tabular":
         cost *= table_tokens(info.sample_shape[0], token_budget)
         budget, unit = TABLE_ENSEMBLE_TOKEN_PASS_BUDGET[kind], "token passes (samples x columns)"
     ensemble_members = max(1, min(ENSEMBLE_MAX_MEMBERS, budget // cost))

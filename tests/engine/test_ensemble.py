@@ -94,6 +94,35 @@ def test_tables_count_columns_in_the_cost_of_a_run() -> None:
     assert resolve_spec(JobSpec(dataset_id="d"), _info()).ensemble_members == ENSEMBLE_MAX_MEMBERS
 
 
+@pytest.mark.parametrize(
+    ("uploaded", "members"),
+    [(60, ENSEMBLE_MAX_MEMBERS), (280, 3), (400, 2), (500, 1), (5000, 1)],
+)
+def test_dense_tasks_buy_members_from_a_budget_of_their_own(uploaded: int, members: int) -> None:
+    # 64-point fields with no validation split (a fifth is held out); the 280-row fields of the
+    # quality suite get three members, where the point tasks' budget would give them one
+    splits = {"train": uploaded, "val": 0, "test": 0}
+    labels = {**REGRESSION, "task_type": "dense_regression"}
+    field = _info(sample_shape=(1, 64), label_shape=(64,), splits=splits, **labels)
+    resolved = resolve_spec(JobSpec(dataset_id="d"), field)
+    assert resolved.ensemble_members == members
+    point = _info(sample_shape=(1, 64), splits=splits, **REGRESSION)
+    if uploaded == 280:
+        assert resolve_spec(JobSpec(dataset_id="d"), point).ensemble_members == 1
+    if members == 1:
+        assert "dense task" in resolved.reasons["ensemble_members"]
+    # a 2D map at 64 tokens costs eight times a 1D field at 8 per pass: one model from 60 rows
+    image = _info(
+        input_kind="image2d",
+        sample_shape=(1, 16, 16),
+        label_shape=(16, 16),
+        splits=splits,
+        **labels,
+    )
+    resolved_image = resolve_spec(JobSpec(dataset_id="d"), image)
+    assert resolved_image.token_budget == 64 and resolved_image.ensemble_members == 1
+
+
 def test_members_can_be_set_in_the_spec_and_impossible_folds_are_refused() -> None:
     from orca_engine.errors import SpecError
 
