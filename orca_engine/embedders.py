@@ -19,7 +19,7 @@ from torch import nn
 
 from orca_engine.backbones.base import Backbone
 from orca_engine.errors import SpecError
-from orca_engine.specs import sequence_patch_size
+from orca_engine.specs import RETIRED_FIELDS, sequence_patch_size
 
 INPUT_KINDS = ("seq1d", "image2d", "tabular")
 
@@ -520,8 +520,11 @@ def create_embedder(
 
 
 #: embedder options of benchmark-only levers that were not adopted and are gone (first
-#: differences, dilated stems, pooled patches); only bundles written with them on carry the keys
-RETIRED_OPTIONS = frozenset({"derivative", "stem_scales", "pooled"})
+#: differences, dilated stems, pooled patches): the retired spec fields that name the embedder,
+#: as its config spells them; only bundles written with them on carry the keys
+RETIRED_OPTIONS = frozenset(
+    name.removeprefix("embedder_") for name in RETIRED_FIELDS if name.startswith("embedder_")
+)
 
 
 def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = None) -> Embedder:
