@@ -165,6 +165,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # feature dropout and whole-series shares ran from docs/data/s12-bank-levers.patch applied
     # to this tree)
     "ens3": ({}, {"ensemble_members": 3}),
+    # session 17: two members, what a three-times larger point pass budget gives digits
+    "ens2": ({}, {"ensemble_members": 2}),
     # session 13: ten cross-fitted members on ten folds (each trains on 90% of the rows); the
     # refit variants (members trained again on every row) ran from docs/data/s13-refit.patch
     "ens10": ({}, {"ensemble_members": 10}),

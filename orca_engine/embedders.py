@@ -81,6 +81,36 @@ KERNEL_BANK_CALIBRATION_SERIES, KERNEL_BANK_CALIBRATION_VALUES = 256, 65_536
 KERNEL_BANK_CHUNK_VALUES = 1 << 24
 #: floor of a share's spread when standardising (a share that barely varies is not amplified)
 KERNEL_BANK_MIN_SCALE = 0.05
+#: multichannel series: at most this many channel subsets per filter and dilation
+KERNEL_BANK_MAX_CHANNEL_MIXES = 4
+#: ... each of 1 to this many channels (log-uniform: most subsets are small, as MiniRocket's)
+KERNEL_BANK_MAX_MIX_CHANNELS = 9
+#: ... while a sample's shares (features x positions read) stay within what a long univariate
+#: series' bank already costs: 8 dilations of 84 filters at 3 thresholds over 8 tokens of 64
+#: averaged positions. Comparing responses with thresholds is most of the bank's time, and on a
+#: 24-channel, 500-step series four mixes doubled a training step (0.53 -> 1.14 s on 1 thread)
+KERNEL_BANK_MAX_VALUES = (
+    KERNEL_BANK_MAX_DILATIONS * 84 * len(KERNEL_BANK_QUANTILES) * 8 * SEQUENCE_MAX_PATCH_POSITIONS
+)
+
+
+def kernel_bank_channel_mixes(channels: int, dilations: int, positions: int) -> int:
+    """Channel subsets per filter and dilation for a bank of ``dilations`` over ``positions``.
+
+    One for a univariate series; with more channels up to 4 (one fewer than the channels), as
+    many as keep the bank within :data:`KERNEL_BANK_MAX_VALUES` per sample.
+    """
+    per_mix = 84 * len(KERNEL_BANK_QUANTILES) * max(1, int(dilations)) * max(1, int(positions))
+    affordable = KERNEL_BANK_MAX_VALUES // per_mix
+    return max(1, min(KERNEL_BANK_MAX_CHANNEL_MIXES, int(channels) - 1, affordable))
+
+
+def _channel_subsets(count: int, channels: int, generator: torch.Generator) -> torch.Tensor:
+    """``(count, channels)`` 0/1 rows, each a random subset of log-uniform size 1..9 channels."""
+    top = math.log2(min(channels, KERNEL_BANK_MAX_MIX_CHANNELS) + 1)
+    sizes = (2 ** (torch.rand(count, generator=generator) * top)).long().clamp(1, channels)
+    order = torch.rand(count, channels, generator=generator).argsort(dim=1)
+    return (order.argsort(dim=1) < sizes[:, None]).float()
 
 
 def kernel_bank_filters() -> torch.Tensor:
@@ -111,9 +141,13 @@ class KernelBank(nn.Module):
     fixed seed, and :meth:`calibrate` sets the thresholds once from training series, then the
     mean and spread of each share on those series, by which the output is standardised (a
     share's constant part would otherwise dwarf how it varies between series). Output
-    ``(B, features, n_tokens)`` with ``features = len(dilations) * 84 * len(quantiles)``.
+    ``(B, features, n_tokens)`` with
+    ``features = len(dilations) * 84 * channel_mixes * len(quantiles)``.
     ``pool_steps`` > 1 (long series): the bank reads the series averaged over runs of that many
     steps, as the stem's features are, so its cost stops growing with the length.
+    ``channel_mixes`` > 1 (multichannel series): every dilation gets its own draw of that many
+    channel subsets per filter (sizes as MiniRocket draws them), so the bank has that many times
+    the filters; 1 keeps one subset per filter, about half the channels, for every dilation.
     """
 
     weight: torch.Tensor
@@ -130,6 +164,7 @@ class KernelBank(nn.Module):
         dilations: list[int],
         *,
         pool_steps: int = 1,
+        channel_mixes: int = 1,
     ) -> None:
         super().__init__()
         check_runs(patch_size, pool_steps)
@@ -139,16 +174,26 @@ class KernelBank(nn.Module):
         self.length = math.ceil(int(length) / self.pool_steps)
         self.patch_size = int(patch_size) // self.pool_steps
         self.dilations = [int(d) for d in dilations]
+        self.channel_mixes = int(channel_mixes) if channels > 1 else 1
         filters = kernel_bank_filters()
-        mix = torch.ones(len(filters), int(channels))
-        if channels > 1:  # each filter reads a fixed random subset of the channels
-            generator = torch.Generator().manual_seed(0)
-            mix = (torch.rand(len(filters), int(channels), generator=generator) < 0.5).float()
-            mix[
-                torch.arange(len(filters)),
-                torch.randint(channels, (len(filters),), generator=generator),
-            ] = 1.0
-        self.register_buffer("weight", filters[:, None, :] * mix[:, :, None])
+        generator = torch.Generator().manual_seed(0)
+        if self.channel_mixes > 1:  # (dilations, filters x mixes, channels, 9)
+            filters = filters.repeat(self.channel_mixes, 1)
+            subsets = _channel_subsets(
+                len(self.dilations) * len(filters), int(channels), generator
+            ).view(len(self.dilations), len(filters), int(channels), 1)
+            weight = filters[None, :, None, :] * subsets
+        else:  # (filters, channels, 9), the same subsets at every dilation
+            mix = torch.ones(len(filters), int(channels))
+            if channels > 1:  # each filter reads a fixed random subset of the channels
+                mix = (torch.rand(len(filters), int(channels), generator=generator) < 0.5).float()
+                mix[
+                    torch.arange(len(filters)),
+                    torch.randint(channels, (len(filters),), generator=generator),
+                ] = 1.0
+            weight = filters[:, None, :] * mix[:, :, None]
+        self.register_buffer("weight", weight)
+        self.n_filters = len(filters)
         quantiles = len(KERNEL_BANK_QUANTILES)
         self.register_buffer(
             "thresholds", torch.zeros(len(self.dilations), len(filters), quantiles)
@@ -170,8 +215,11 @@ class KernelBank(nn.Module):
         # ceil_mode without padding averages a short last run over the steps it has
         return F.avg_pool1d(x, self.pool_steps, ceil_mode=True)
 
-    def _responses(self, x: torch.Tensor, dilation: int) -> torch.Tensor:
-        return F.conv1d(x, self.weight.to(x.dtype), padding=4 * dilation, dilation=dilation)
+    def _responses(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Responses at the ``index``-th dilation: ``(B, filters, L)``."""
+        dilation = self.dilations[index]
+        weight = self.weight[index] if self.weight.dim() == 4 else self.weight
+        return F.conv1d(x, weight.to(x.dtype), padding=4 * dilation, dilation=dilation)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, seed: int = 0) -> None:
@@ -181,9 +229,9 @@ class KernelBank(nn.Module):
             x = x[torch.randperm(len(x), generator=generator)[:KERNEL_BANK_CALIBRATION_SERIES]]
         x = self._averaged(x.to(self.weight.device, torch.float32))
         levels = torch.tensor(KERNEL_BANK_QUANTILES, device=x.device)
-        for index, dilation in enumerate(self.dilations):
-            values = torch.cat([self._responses(c, dilation) for c in x.split(32)])
-            values = values.transpose(0, 1).reshape(len(self.weight), -1)
+        for index in range(len(self.dilations)):
+            values = torch.cat([self._responses(c, index) for c in x.split(32)])
+            values = values.transpose(0, 1).reshape(self.n_filters, -1)
             if values.shape[1] > KERNEL_BANK_CALIBRATION_VALUES:
                 keep = torch.randperm(values.shape[1], generator=generator)
                 values = values[:, keep[:KERNEL_BANK_CALIBRATION_VALUES].to(x.device)]
@@ -210,8 +258,8 @@ class KernelBank(nn.Module):
             return torch.cat([self._pooled_shares(chunk) for chunk in x.split(rows)])
         pad = self.n_tokens * self.patch_size - self.length
         shares = []
-        for index, dilation in enumerate(self.dilations):
-            response = self._responses(x, dilation)  # (B, 84, L)
+        for index in range(len(self.dilations)):
+            response = self._responses(x, index)  # (B, filters, L)
             above = response.unsqueeze(2) > self.thresholds[index][None, :, :, None]
             above = above.flatten(1, 2).float()
             if pad:
@@ -331,6 +379,7 @@ class SequenceEmbedder(Embedder):
         stem_channels: int = 0,
         pool_steps: int = 1,
         kernel_dilations: list[int] | None = None,
+        kernel_channel_mixes: int = 1,
     ) -> None:
         check_runs(patch_size, pool_steps)
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
@@ -358,7 +407,12 @@ class SequenceEmbedder(Embedder):
         self.bank_proj: nn.Linear | None = None
         if kernel_dilations:
             self.bank = KernelBank(
-                int(channels), self.length, patch_size, kernel_dilations, pool_steps=pool_steps
+                int(channels),
+                self.length,
+                patch_size,
+                kernel_dilations,
+                pool_steps=pool_steps,
+                channel_mixes=kernel_channel_mixes,
             )
             self.bank_proj = nn.Linear(self.bank.n_features, embed_dim)
 
@@ -387,6 +441,8 @@ class SequenceEmbedder(Embedder):
             config["pool_steps"] = self.pool_steps
         if self.bank is not None:  # absent when off, so bundles without a bank rebuild unchanged
             config["kernel_dilations"] = list(self.bank.dilations)
+            if self.bank.channel_mixes > 1:  # absent in bundles from before channel mixes
+                config["kernel_channel_mixes"] = self.bank.channel_mixes
         return config
 
 
@@ -494,6 +550,7 @@ def create_embedder(
     width = backbone.embed_dim
     if input_kind == "seq1d":
         pool, patch = sequence_pooling(sequence_patch_size(sample_shape[1], cap))
+        dilations = kernel_bank_dilations(math.ceil(sample_shape[1] / pool))
         return SequenceEmbedder(
             sample_shape,
             width,
@@ -501,9 +558,10 @@ def create_embedder(
             backbone,
             stem_channels=stem_channels,
             pool_steps=pool,
-            kernel_dilations=kernel_bank_dilations(math.ceil(sample_shape[1] / pool))
-            if kernel_bank
-            else None,
+            kernel_dilations=dilations if kernel_bank else None,
+            kernel_channel_mixes=kernel_bank_channel_mixes(
+                sample_shape[0], len(dilations), math.ceil(sample_shape[1] / pool)
+            ),
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -554,6 +612,7 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
             stem_channels=stem,
             pool_steps=pool,
             kernel_dilations=dilations or None,
+            kernel_channel_mixes=int(config.get("kernel_channel_mixes", 1)),
         )
     if kind == "image2d":
         return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)

@@ -686,6 +686,11 @@ def resolve_spec(
         "each token also reads its stretch through 84 fixed filters at several dilations, as "
         "the shares of positions above thresholds set from the training series (measured in "
         "docs/QUALITY.md)"
+        + (
+            "; with several channels, up to four small channel subsets per filter and dilation"
+            if info.sample_shape[0] > 1
+            else ""
+        )
         if kernel_bank
         else "no fixed kernel bank"
         + (f" for {info.input_kind} inputs" if info.input_kind != "seq1d" else "")

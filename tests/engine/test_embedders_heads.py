@@ -12,11 +12,14 @@ import torch
 from orca_engine.backbones import Backbone, create_backbone, list_backbones
 from orca_engine.embedders import (
     KERNEL_BANK_MAX_DILATIONS,
+    KERNEL_BANK_MAX_MIX_CHANNELS,
+    KERNEL_BANK_MAX_VALUES,
     KERNEL_BANK_QUANTILES,
     SEQUENCE_MAX_PATCH_POSITIONS,
     KernelBank,
     create_embedder,
     embedder_from_config,
+    kernel_bank_channel_mixes,
     kernel_bank_dilations,
     kernel_bank_filters,
 )
@@ -141,6 +144,7 @@ def test_kernel_bank_embedder_round_trips_and_reads_long_series_averaged() -> No
         embedder.calibrate(x)
         config = json.loads(json.dumps(embedder.config()))
         assert config["kernel_dilations"] == embedder.bank.dilations
+        assert config.get("kernel_channel_mixes", 1) == (2 if length == 150 else 1)
         rebuilt = embedder_from_config(config, backbone)
         rebuilt.load_state_dict(embedder.state_dict())  # thresholds and scales travel as buffers
         torch.testing.assert_close(rebuilt(x), embedder(x))
@@ -150,6 +154,64 @@ def test_kernel_bank_embedder_round_trips_and_reads_long_series_averaged() -> No
         assert embedder.bank_proj is not None and embedder.bank_proj.weight.grad is not None
     plain = create_embedder("seq1d", (3, 150), backbone, token_budget=8, stem_channels=4)
     assert plain.bank is None and "kernel_dilations" not in plain.config()
+
+
+def test_multichannel_bank_draws_small_channel_subsets_per_dilation() -> None:
+    # short series: up to 4 mixes, one fewer than the channels
+    assert [kernel_bank_channel_mixes(c, 2, 29) for c in (1, 2, 3, 5, 12)] == [1, 1, 2, 4, 4]
+    # longer ones: only as many as keep the shares per sample within a long univariate bank's
+    per_mix = 84 * len(KERNEL_BANK_QUANTILES)
+    for dilations, positions in [(4, 100), (5, 300), (6, 500), (8, 512)]:
+        mixes = kernel_bank_channel_mixes(12, dilations, positions)
+        assert mixes * per_mix * dilations * positions <= KERNEL_BANK_MAX_VALUES or mixes == 1
+        assert (mixes + 1) * per_mix * dilations * positions > KERNEL_BANK_MAX_VALUES or mixes == 4
+    assert kernel_bank_channel_mixes(24, 6, 500) == 1
+    dilations = kernel_bank_dilations(100)
+    bank = KernelBank(12, 100, 13, dilations, channel_mixes=4)
+    filters = kernel_bank_filters()
+    assert bank.weight.shape == (len(dilations), 4 * 84, 12, 9)
+    assert bank.n_features == len(dilations) * 4 * 84 * len(KERNEL_BANK_QUANTILES)
+    used = bank.weight.abs().sum(-1) > 0  # (dilations, filters, channels)
+    sizes = used.sum(-1)
+    assert int(sizes.min()) >= 1 and int(sizes.max()) <= KERNEL_BANK_MAX_MIX_CHANNELS
+    assert float(sizes.float().median()) <= 3  # log-uniform sizes: most subsets are small
+    assert not torch.equal(used[0], used[1])  # each dilation draws its own subsets
+    # every channel a filter reads carries that filter's taps, the others nothing
+    expected = filters.repeat(4, 1)[None, :, None, :] * used[..., None]
+    assert torch.equal(bank.weight, expected)
+    # a channel outside a filter's subset does not move that filter's response
+    x = torch.randn(3, 12, 100)
+    moved = x.clone()
+    moved[:, 5] += torch.randn(3, 100)
+    blind = ~used[0, :, 5]
+    torch.testing.assert_close(bank._responses(moved, 0)[:, blind], bank._responses(x, 0)[:, blind])
+    assert not torch.allclose(
+        bank._responses(moved, 0)[:, ~blind], bank._responses(x, 0)[:, ~blind]
+    )
+    # univariate series and explicit single mixes keep one subset per filter for all dilations
+    assert KernelBank(1, 100, 13, dilations, channel_mixes=4).weight.shape == (84, 1, 9)
+
+
+def test_bundles_from_before_channel_mixes_rebuild_their_bank() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    embedder = create_embedder("seq1d", (6, 40), backbone, token_budget=8, kernel_bank=True)
+    assert embedder.bank is not None and embedder.bank.channel_mixes == 4
+    x = torch.randn(5, 6, 40)
+    embedder.calibrate(x)
+    config = embedder.config()
+    assert config["kernel_channel_mixes"] == 4
+    # a bundle written before the mixes has no key: one subset per filter, drawn as it was then
+    old_config = {k: v for k, v in config.items() if k != "kernel_channel_mixes"}
+    old = embedder_from_config(old_config, backbone)
+    assert old.bank is not None and old.bank.weight.shape == (84, 6, 9)
+    generator = torch.Generator().manual_seed(0)
+    mix = (torch.rand(84, 6, generator=generator) < 0.5).float()
+    mix[torch.arange(84), torch.randint(6, (84,), generator=generator)] = 1.0
+    assert torch.equal(old.bank.weight, kernel_bank_filters()[:, None, :] * mix[:, :, None])
+    again = embedder_from_config(old_config, backbone)
+    old.calibrate(x)
+    again.load_state_dict(old.state_dict())
+    torch.testing.assert_close(again(x), old(x))
 
 
 @pytest.mark.parametrize("length", [7, 151, 1009])
