@@ -9,7 +9,8 @@ chunk is then re-embedded with autograd and back-propagated with its slice of th
 ``curve[e]`` is the distance after ``e`` steps (``curve[0]`` before any). With ``auto_stop`` the
 loop ends once the best distance of the last ``patience`` epochs is not more than 1% (relative)
 below the best distance before them. The embedder runs in eval mode (no dropout), so a fixed
-seed gives the same curve on CPU; with ``state_path`` each finished epoch is checkpointed
+seed gives the same curve on CPU. If the distance ends above where it began, the embedder
+with the lowest distance seen is restored. With ``state_path`` each finished epoch is checkpointed
 atomically (embedder, optimizer, curve, distance solver warm start, RNG) and a rerun resumes
 from it with the same final result.
 """
@@ -40,7 +41,9 @@ EMBED_CHUNK = 256
 
 @dataclass
 class AlignResult:
-    """Distance per epoch (``curve[0]`` before training), first/last values, epochs and wall time."""
+    """Distance per epoch (``curve[0]`` before training), epochs and wall time; ``after`` is the
+    distance of the embedder handed on: the last one, or the closest one seen when the last
+    ended above ``before``."""
 
     curve: list[float] = field(default_factory=list)
     before: float = float("nan")
@@ -109,6 +112,10 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _copy_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
 def _make_trainable(model: Any) -> None:
@@ -181,6 +188,9 @@ def align_embedder(
     optimizer = torch.optim.Adam(parameters, lr=lr)
 
     curve: list[float] = []
+    #: (distance, epoch, embedder state) of the lowest distance measured before a step
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    kept: tuple[float, int, dict[str, Tensor]] | None = None
     start_epoch = 0
     path = Path(state_path) if state_path is not None else None
     if path is not None and path.is_file():
@@ -188,6 +198,7 @@ def align_embedder(
         model.embedder.load_state_dict(state["embedder"])
         optimizer.load_state_dict(state["optimizer"])
         curve = list(state["curve"])
+        best = state.get("best")
         start_epoch = int(state["epoch"])
         dist.load_warm_state(state["distance_warm"])
         torch.set_rng_state(state["rng"])
@@ -200,6 +211,8 @@ def align_embedder(
             epoch += 1
             optimizer.zero_grad(set_to_none=True)
             curve.append(_distance_and_gradient(model, x_target, y_target, dist, chunk_size))
+            if best is None or curve[-1] < best[0]:
+                best = (curve[-1], len(curve) - 1, _copy_state(model.embedder))
             optimizer.step()
             if path is not None:
                 _save_state(
@@ -211,6 +224,7 @@ def align_embedder(
                         "curve": curve,
                         "distance_warm": dist.warm_state(),
                         "rng": torch.get_rng_state(),
+                        "best": best,
                     },
                 )
             callbacks.event(
@@ -226,6 +240,16 @@ def align_embedder(
         with torch.no_grad():
             features = _pooled_features(model, x_target, chunk_size)
             curve.append(float(dist(features, y_target)))
+        if best is not None and curve[-1] > curve[0]:
+            # Alignment that ends farther from the source than it began (a first step too large
+            # for a wide embedder) hands on the closest embedder it saw instead.
+            model.embedder.load_state_dict(best[2])
+            kept = best
+            callbacks.event(
+                f"alignment ended at {dist.name} {curve[-1]:.6g}, above where it began "
+                f"({curve[0]:.6g}); keeping the embedder of epoch {kept[1]} ({kept[0]:.6g})",
+                kind="log",
+            )
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(previous_flags.get(name, True))
@@ -233,7 +257,7 @@ def align_embedder(
     result = AlignResult(
         curve=curve,
         before=curve[0],
-        after=curve[-1],
+        after=kept[0] if kept is not None else curve[-1],
         epochs_run=len(curve) - 1,
         seconds=time.perf_counter() - started,
     )

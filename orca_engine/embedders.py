@@ -92,16 +92,25 @@ KERNEL_BANK_MAX_MIX_CHANNELS = 9
 KERNEL_BANK_MAX_VALUES = (
     KERNEL_BANK_MAX_DILATIONS * 84 * len(KERNEL_BANK_QUANTILES) * 8 * SEQUENCE_MAX_PATCH_POSITIONS
 )
+#: ... and while the bank has at most this many features: the first alignment step moves each
+#: projection weight by about the learning rate, so a wider bank moves the tokens further. Four
+#: mixes on BasicMotions (4,032 features) sent the OTDD from 160 to 263 in one step and it
+#: never came back; JapaneseVowels' 2,016 aligned as the single-subset bank does (docs/QUALITY.md)
+KERNEL_BANK_MAX_FEATURES = 2016
 
 
 def kernel_bank_channel_mixes(channels: int, dilations: int, positions: int) -> int:
     """Channel subsets per filter and dilation for a bank of ``dilations`` over ``positions``.
 
     One for a univariate series; with more channels up to 4 (one fewer than the channels), as
-    many as keep the bank within :data:`KERNEL_BANK_MAX_VALUES` per sample.
+    many as keep the bank within :data:`KERNEL_BANK_MAX_VALUES` per sample and
+    :data:`KERNEL_BANK_MAX_FEATURES` features.
     """
-    per_mix = 84 * len(KERNEL_BANK_QUANTILES) * max(1, int(dilations)) * max(1, int(positions))
-    affordable = KERNEL_BANK_MAX_VALUES // per_mix
+    features = 84 * len(KERNEL_BANK_QUANTILES) * max(1, int(dilations))
+    affordable = min(
+        KERNEL_BANK_MAX_VALUES // (features * max(1, int(positions))),
+        KERNEL_BANK_MAX_FEATURES // features,
+    )
     return max(1, min(KERNEL_BANK_MAX_CHANNEL_MIXES, int(channels) - 1, affordable))
 
 

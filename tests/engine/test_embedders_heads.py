@@ -12,6 +12,7 @@ import torch
 from orca_engine.backbones import Backbone, create_backbone, list_backbones
 from orca_engine.embedders import (
     KERNEL_BANK_MAX_DILATIONS,
+    KERNEL_BANK_MAX_FEATURES,
     KERNEL_BANK_MAX_MIX_CHANNELS,
     KERNEL_BANK_MAX_VALUES,
     KERNEL_BANK_QUANTILES,
@@ -144,7 +145,7 @@ def test_kernel_bank_embedder_round_trips_and_reads_long_series_averaged() -> No
         embedder.calibrate(x)
         config = json.loads(json.dumps(embedder.config()))
         assert config["kernel_dilations"] == embedder.bank.dilations
-        assert config.get("kernel_channel_mixes", 1) == (2 if length == 150 else 1)
+        assert config.get("kernel_channel_mixes", 1) == 1  # 5 dilations: 1,260 features already
         rebuilt = embedder_from_config(config, backbone)
         rebuilt.load_state_dict(embedder.state_dict())  # thresholds and scales travel as buffers
         torch.testing.assert_close(rebuilt(x), embedder(x))
@@ -164,8 +165,12 @@ def test_multichannel_bank_draws_small_channel_subsets_per_dilation() -> None:
     for dilations, positions in [(4, 100), (5, 300), (6, 500), (8, 512)]:
         mixes = kernel_bank_channel_mixes(12, dilations, positions)
         assert mixes * per_mix * dilations * positions <= KERNEL_BANK_MAX_VALUES or mixes == 1
-        assert (mixes + 1) * per_mix * dilations * positions > KERNEL_BANK_MAX_VALUES or mixes == 4
+        wider = (mixes + 1) * per_mix * dilations
+        assert wider * positions > KERNEL_BANK_MAX_VALUES or wider > KERNEL_BANK_MAX_FEATURES
     assert kernel_bank_channel_mixes(24, 6, 500) == 1
+    # and the features stay within the widest bank measured to align: 4 x 2 dilations, 2 x 4
+    assert [kernel_bank_channel_mixes(12, d, 29) for d in (2, 3, 4, 5)] == [4, 2, 2, 1]
+    assert kernel_bank_channel_mixes(12, 4, 100) * per_mix * 4 <= KERNEL_BANK_MAX_FEATURES
     dilations = kernel_bank_dilations(100)
     bank = KernelBank(12, 100, 13, dilations, channel_mixes=4)
     filters = kernel_bank_filters()
@@ -194,9 +199,9 @@ def test_multichannel_bank_draws_small_channel_subsets_per_dilation() -> None:
 
 def test_bundles_from_before_channel_mixes_rebuild_their_bank() -> None:
     backbone = create_backbone("tiny-bert", allow_random_init=True)
-    embedder = create_embedder("seq1d", (6, 40), backbone, token_budget=8, kernel_bank=True)
+    embedder = create_embedder("seq1d", (6, 24), backbone, token_budget=8, kernel_bank=True)
     assert embedder.bank is not None and embedder.bank.channel_mixes == 4
-    x = torch.randn(5, 6, 40)
+    x = torch.randn(5, 6, 24)
     embedder.calibrate(x)
     config = embedder.config()
     assert config["kernel_channel_mixes"] == 4

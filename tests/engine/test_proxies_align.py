@@ -200,3 +200,20 @@ def test_every_distance_trains_the_embedder_only(tiny_bert, task, distance: str)
     assert all(
         torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters(), strict=True)
     )
+
+
+def test_alignment_that_ends_above_its_start_hands_on_the_closest_embedder(tiny_bert, task) -> None:
+    x, y = task
+    source = build_proxy("english-text", tiny_bert, n_samples=120, seed=0)
+    model = _tabular_model(tiny_bert, x.shape[1])
+    # a step far too large for this embedder: every epoch lands farther from the source
+    result = align_embedder(
+        model, x, y, source, distance="otdd", epochs=3, lr=50.0, seed=0, max_samples=100
+    )
+    assert result.curve[-1] > result.before  # the last embedder is worse than the first ...
+    assert result.after == min(result.curve[:-1]) <= result.before  # ... so it is not kept
+    # the model now holds the embedder whose distance the result reports
+    measured = align_embedder(
+        model, x, y, source, distance="otdd", epochs=0, seed=0, max_samples=100
+    )
+    assert measured.after == pytest.approx(result.after, rel=1e-5)
