@@ -94,9 +94,29 @@ class Predictor:
             raise DataError("the batch is empty: send at least one sample", param="inputs")
         array = array.astype(np.float32)
         if not np.all(np.isfinite(array)):
+            if self._trailing_padding(array):
+                # unequal-length series, read as the upload read them: the padding becomes zeros
+                return np.where(np.isnan(array), np.float32(0.0), array)
             bad = int(np.count_nonzero(~np.isfinite(array)))
-            raise DataError(f"inputs contain {bad} NaN or infinite values", param="inputs")
+            raise DataError(
+                f"inputs contain {bad} NaN or infinite values"
+                + (
+                    "; NaN is read only as trailing padding of a series (after its last value)"
+                    if len(expected) == 2
+                    else ""
+                ),
+                param="inputs",
+            )
         return array
+
+    def _trailing_padding(self, array: np.ndarray) -> bool:
+        """Whether every non-finite value is NaN padding at the end of a series with values."""
+        if len(self.sample_shape) != 2 or np.isinf(array).any():
+            return False  # only (C, L) sequences are padded, and never with infinities
+        nan = np.isnan(array)
+        if np.any(nan[..., :-1] & ~nan[..., 1:]):
+            return False  # a value after a NaN: a gap, not padding
+        return not np.any(nan.all(axis=(1, 2)))  # every sample keeps some values
 
     def outputs(self, x: Any) -> np.ndarray:
         """Raw model outputs (logits / standardised values) for validated inputs, in chunks."""

@@ -315,6 +315,31 @@ def test_predictor_rejects_bad_inputs_with_a_clear_message(
     assert error.value.code == "dataset_invalid"
 
 
+def test_predictor_reads_trailing_nan_as_the_padding_of_shorter_series(tmp_path: Path) -> None:
+    dataset = make_dataset(n_train=16, n_val=8)
+    bundle = save_bundle(
+        tmp_path / "bundle",
+        model=make_model(dataset),
+        config=_bundle_config(dataset, Normaliser.fit(dataset.x_train)),
+        metrics={},
+        curves={},
+    )
+    predictor = load_model(bundle)
+    padded = np.array(dataset.x_val[:3], dtype=np.float64)
+    padded[0, :, 20:] = np.nan  # shorter series, NaN after their last value, as uploads allow
+    padded[2, :, 12:] = np.nan
+    zero_filled = np.nan_to_num(padded, nan=0.0)
+    np.testing.assert_array_equal(predictor.outputs(padded), predictor.outputs(zero_filled))
+    gap = zero_filled.copy()
+    gap[1, 0, 5] = np.nan  # a value follows the NaN: a gap, not padding
+    with pytest.raises(DataError, match="trailing padding"):
+        predictor.predict(gap)
+    infinite = zero_filled.copy()
+    infinite[1, 0, -1] = np.inf
+    with pytest.raises(DataError, match="1 NaN or infinite"):
+        predictor.predict(infinite)
+
+
 def test_a_failed_save_leaves_no_half_written_bundle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
