@@ -738,6 +738,12 @@ def _count_nonfinite(array: _Member) -> tuple[int, int, int]:
     return n_nan, n_inf, n_overflow
 
 
+def nan_before_value(nan: np.ndarray) -> bool:
+    """Whether a NaN along the last axis of the mask ``nan`` is followed by a number (a gap,
+    not the trailing padding of a shorter series)."""
+    return bool(np.any(nan[..., :-1] & ~nan[..., 1:]))
+
+
 def _streamed_nan_is_trailing_padding(array: _StreamedArray) -> tuple[bool, int]:
     """:func:`_nan_is_trailing_padding` for a member read from disk in whole-series blocks."""
     if not array.fortran_order:
@@ -745,7 +751,7 @@ def _streamed_nan_is_trailing_padding(array: _StreamedArray) -> tuple[bool, int]
         padded_series = 0
         for block in array.blocks(array.shape[-1]):
             nan = np.isnan(block)
-            if np.any(nan[:, :-1] & ~nan[:, 1:]):
+            if nan_before_value(nan):
                 return False, 0
             padded_series += int(np.count_nonzero(nan[:, -1]))
         return True, padded_series
@@ -767,7 +773,7 @@ def _nan_is_trailing_padding(array: _Member) -> tuple[bool, int]:
     padded_series = 0
     for chunk in _chunks(array):
         nan = np.isnan(chunk)
-        if np.any(nan[..., :-1] & ~nan[..., 1:]):
+        if nan_before_value(nan):
             return False, 0
         padded_series += int(np.count_nonzero(nan[..., -1]))
     return True, padded_series
@@ -1322,5 +1328,6 @@ __all__ = [
     "compatible_task_types",
     "inspect_file",
     "load_dataset",
+    "nan_before_value",
     "split_train_val",
 ]

@@ -559,7 +559,8 @@ def create_embedder(
     width = backbone.embed_dim
     if input_kind == "seq1d":
         pool, patch = sequence_pooling(sequence_patch_size(sample_shape[1], cap))
-        dilations = kernel_bank_dilations(math.ceil(sample_shape[1] / pool))
+        positions = math.ceil(sample_shape[1] / pool)  # what the bank reads after averaging
+        dilations = kernel_bank_dilations(positions)
         return SequenceEmbedder(
             sample_shape,
             width,
@@ -569,7 +570,7 @@ def create_embedder(
             pool_steps=pool,
             kernel_dilations=dilations if kernel_bank else None,
             kernel_channel_mixes=kernel_bank_channel_mixes(
-                sample_shape[0], len(dilations), math.ceil(sample_shape[1] / pool)
+                sample_shape[0], len(dilations), positions
             ),
         )
     if input_kind == "image2d":

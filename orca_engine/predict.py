@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from orca_engine.checkpoint import load_bundle
-from orca_engine.data import LabelMap, Normaliser, TargetScaler
+from orca_engine.data import LabelMap, Normaliser, TargetScaler, nan_before_value
 from orca_engine.device import EVAL_CHUNK_SIZE, outputs_in_chunks, resolve_device
 from orca_engine.errors import DataError
 
@@ -96,7 +96,7 @@ class Predictor:
         if not np.all(np.isfinite(array)):
             if self._trailing_padding(array):
                 # unequal-length series, read as the upload read them: the padding becomes zeros
-                return np.where(np.isnan(array), np.float32(0.0), array)
+                return np.nan_to_num(array, copy=False, nan=0.0)
             bad = int(np.count_nonzero(~np.isfinite(array)))
             raise DataError(
                 f"inputs contain {bad} NaN or infinite values"
@@ -114,8 +114,8 @@ class Predictor:
         if len(self.sample_shape) != 2 or np.isinf(array).any():
             return False  # only (C, L) sequences are padded, and never with infinities
         nan = np.isnan(array)
-        if np.any(nan[..., :-1] & ~nan[..., 1:]):
-            return False  # a value after a NaN: a gap, not padding
+        if nan_before_value(nan):
+            return False
         return not np.any(nan.all(axis=(1, 2)))  # every sample keeps some values
 
     def outputs(self, x: Any) -> np.ndarray:

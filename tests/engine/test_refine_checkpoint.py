@@ -20,7 +20,7 @@ from orca_engine.data import Dataset, DatasetInfo, LabelMap, Normaliser
 from orca_engine.device import out_of_memory_as_error
 from orca_engine.errors import DataError, JobCancelled, OutOfMemory
 from orca_engine.model import OrcaModel, build_model
-from orca_engine.predict import load_model
+from orca_engine.predict import Predictor, load_model
 from orca_engine.progress import Callbacks
 from orca_engine.refine import lr_at, refine
 from orca_engine.specs import ResolvedSpec
@@ -285,6 +285,19 @@ def test_bundle_round_trip_predicts_identically_in_original_labels(tmp_path: Pat
     assert single.predictions == prediction.predictions[:1]
 
 
+def _small_saved_model(tmp_path: Path) -> tuple[Dataset, Predictor]:
+    """A small untrained classifier saved as a bundle and loaded back, with its dataset."""
+    dataset = make_dataset(n_train=16, n_val=8)
+    bundle = save_bundle(
+        tmp_path / "bundle",
+        model=make_model(dataset),
+        config=_bundle_config(dataset, Normaliser.fit(dataset.x_train)),
+        metrics={},
+        curves={},
+    )
+    return dataset, load_model(bundle)
+
+
 @pytest.mark.parametrize(
     ("bad_input", "message"),
     [
@@ -301,30 +314,15 @@ def test_bundle_round_trip_predicts_identically_in_original_labels(tmp_path: Pat
 def test_predictor_rejects_bad_inputs_with_a_clear_message(
     tmp_path: Path, bad_input: Any, message: str
 ) -> None:
-    dataset = make_dataset(n_train=16, n_val=8)
-    bundle = save_bundle(
-        tmp_path / "bundle",
-        model=make_model(dataset),
-        config=_bundle_config(dataset, Normaliser.fit(dataset.x_train)),
-        metrics={},
-        curves={},
-    )
+    _, predictor = _small_saved_model(tmp_path)
     with pytest.raises(DataError) as error:
-        load_model(bundle).predict(bad_input)
+        predictor.predict(bad_input)
     assert message in str(error.value)
     assert error.value.code == "dataset_invalid"
 
 
 def test_predictor_reads_trailing_nan_as_the_padding_of_shorter_series(tmp_path: Path) -> None:
-    dataset = make_dataset(n_train=16, n_val=8)
-    bundle = save_bundle(
-        tmp_path / "bundle",
-        model=make_model(dataset),
-        config=_bundle_config(dataset, Normaliser.fit(dataset.x_train)),
-        metrics={},
-        curves={},
-    )
-    predictor = load_model(bundle)
+    dataset, predictor = _small_saved_model(tmp_path)
     padded = np.array(dataset.x_val[:3], dtype=np.float64)
     padded[0, :, 20:] = np.nan  # shorter series, NaN after their last value, as uploads allow
     padded[2, :, 12:] = np.nan
