@@ -191,6 +191,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # session 15: `auto` with 16 tokens (dense fields at the new rate)
     "auto-t16": ({}, {"token_budget": 16}),
     # session 15: `auto` without early stopping (the cosine schedule runs to its floor)
+    # session 18: the head also reads the kernel bank's shares over the whole series
+    "summary": ({}, {"head_kernel_summary": True}),
+    "summary-noalign": ({"alignment": {"distance": "none"}}, {"head_kernel_summary": True}),
     "auto-nostop": ({"finetune": {"early_stopping_patience": 0}}, {}),
 }
 

@@ -163,6 +163,8 @@ class KernelBank(nn.Module):
     thresholds: torch.Tensor
     share_mean: torch.Tensor
     share_scale: torch.Tensor
+    summary_mean: torch.Tensor
+    summary_scale: torch.Tensor
     valid: torch.Tensor
 
     def __init__(
@@ -174,10 +176,12 @@ class KernelBank(nn.Module):
         *,
         pool_steps: int = 1,
         channel_mixes: int = 1,
+        summary: bool = False,
     ) -> None:
         super().__init__()
         check_runs(patch_size, pool_steps)
         self.pool_steps = int(pool_steps)
+        self.summary = bool(summary)
         self.n_tokens = math.ceil(int(length) / int(patch_size))
         # Lengths and patches below count averaged positions (steps when nothing is averaged).
         self.length = math.ceil(int(length) / self.pool_steps)
@@ -210,6 +214,9 @@ class KernelBank(nn.Module):
         features = int(self.thresholds.numel())
         self.register_buffer("share_mean", torch.zeros(features, self.n_tokens))
         self.register_buffer("share_scale", torch.ones(features, self.n_tokens))
+        if self.summary:  # only then, so bundles saved without it load unchanged
+            self.register_buffer("summary_mean", torch.zeros(features))
+            self.register_buffer("summary_scale", torch.ones(features))
         valid = torch.full((self.n_tokens,), float(self.patch_size))
         valid[-1] = self.length - (self.n_tokens - 1) * self.patch_size
         self.register_buffer("valid", valid, persistent=False)
@@ -250,6 +257,26 @@ class KernelBank(nn.Module):
         shares = torch.cat([self._pooled_shares(chunk) for chunk in x.split(32)])
         self.share_mean.copy_(shares.mean(0))
         self.share_scale.copy_(shares.std(0, unbiased=False).clamp_min(KERNEL_BANK_MIN_SCALE))
+        if self.summary:
+            whole = self._whole_series(shares)
+            self.summary_mean.copy_(whole.mean(0))
+            self.summary_scale.copy_(whole.std(0, unbiased=False).clamp_min(KERNEL_BANK_MIN_SCALE))
+
+    def _whole_series(self, shares: torch.Tensor) -> torch.Tensor:
+        """Raw per-patch shares ``(B, features, T)`` -> shares over the whole series ``(B, features)``."""
+        return (shares * self.valid).sum(-1) / self.length
+
+    @torch.no_grad()
+    def summarize(self, standardised: torch.Tensor) -> torch.Tensor:
+        """The whole series' standardised shares ``(B, features)`` from :meth:`forward`'s output.
+
+        MiniRocket's own features (positives over every position), standardised over the
+        training series like the per-patch ones.
+        """
+        if not self.summary:
+            raise RuntimeError("this kernel bank was built without summary=True")
+        raw = standardised * self.share_scale + self.share_mean
+        return (self._whole_series(raw) - self.summary_mean) / self.summary_scale
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -355,6 +382,15 @@ class Embedder(nn.Module):
         """``(B, *sample_shape)`` -> ``(B, n_tokens, embed_dim)``."""
         return self.norm(self.tokenize(x)) + self.positions
 
+    @property
+    def summary_features(self) -> int:
+        """Width of the whole-sample features :meth:`encode` also returns (0: none)."""
+        return 0
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`'s tokens and the whole-sample features ``(B, summary_features)``."""
+        return self(x), None
+
     def config(self) -> dict[str, Any]:
         """JSON-able description from which :func:`embedder_from_config` rebuilds this layer."""
         return {
@@ -372,7 +408,9 @@ class SequenceEmbedder(Embedder):
     ``pool_steps`` > 1 (long series): the stem's features are averaged over runs of that many
     steps before the projection, which then reads ``patch_size / pool_steps`` positions.
     ``kernel_dilations`` (non-empty): a :class:`KernelBank` with those dilations also reads the
-    series, and a learned Linear adds its per-patch shares to each token.
+    series, and a learned Linear adds its per-patch shares to each token. ``kernel_summary``
+    (with a bank): :meth:`encode` also returns the bank's shares over the whole series, for a
+    head that reads them beside the body (:class:`orca_engine.heads.Head` ``summary_features``).
     """
 
     layout = "sequence"
@@ -389,6 +427,7 @@ class SequenceEmbedder(Embedder):
         pool_steps: int = 1,
         kernel_dilations: list[int] | None = None,
         kernel_channel_mixes: int = 1,
+        kernel_summary: bool = False,
     ) -> None:
         check_runs(patch_size, pool_steps)
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
@@ -422,6 +461,7 @@ class SequenceEmbedder(Embedder):
                 kernel_dilations,
                 pool_steps=pool_steps,
                 channel_mixes=kernel_channel_mixes,
+                summary=kernel_summary,
             )
             self.bank_proj = nn.Linear(self.bank.n_features, embed_dim)
 
@@ -429,7 +469,19 @@ class SequenceEmbedder(Embedder):
         if self.bank is not None:
             self.bank.calibrate(x.unsqueeze(1) if x.dim() == 2 else x, seed)
 
+    @property
+    def summary_features(self) -> int:
+        return self.bank.n_features if self.bank is not None and self.bank.summary else 0
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens, summary = self._tokens(x)
+        return self.norm(tokens) + self.positions, summary
+
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tokens(x)[0]
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens before norm and positions, and the bank's whole-series shares (or None)."""
         if x.dim() == 2:  # tabular rows read as a one-channel sequence
             x = x.unsqueeze(1)
         tokens = x
@@ -440,9 +492,13 @@ class SequenceEmbedder(Embedder):
         if self.pool_steps > 1:
             tokens = F.avg_pool1d(tokens, self.pool_steps)
         tokens = self.proj(tokens).transpose(1, 2)
+        summary = None
         if self.bank is not None and self.bank_proj is not None:
-            tokens = tokens + self.bank_proj(self.bank(x).transpose(1, 2).to(tokens.dtype))
-        return tokens
+            shares = self.bank(x)
+            tokens = tokens + self.bank_proj(shares.transpose(1, 2).to(tokens.dtype))
+            if self.bank.summary:
+                summary = self.bank.summarize(shares).to(tokens.dtype)
+        return tokens, summary
 
     def config(self) -> dict[str, Any]:
         config = {**super().config(), "stem_channels": self.stem_channels}
@@ -452,6 +508,8 @@ class SequenceEmbedder(Embedder):
             config["kernel_dilations"] = list(self.bank.dilations)
             if self.bank.channel_mixes > 1:  # absent in bundles from before channel mixes
                 config["kernel_channel_mixes"] = self.bank.channel_mixes
+            if self.bank.summary:  # absent in bundles from before whole-series shares
+                config["kernel_summary"] = True
         return config
 
 
@@ -551,6 +609,7 @@ def create_embedder(
     token_budget: int,
     stem_channels: int = 0,
     kernel_bank: bool = False,
+    kernel_summary: bool = False,
 ) -> Embedder:
     """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``."""
     sample_shape = tuple(int(s) for s in sample_shape)
@@ -572,6 +631,7 @@ def create_embedder(
             kernel_channel_mixes=kernel_bank_channel_mixes(
                 sample_shape[0], len(dilations), positions
             ),
+            kernel_summary=kernel_bank and kernel_summary,
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -623,6 +683,7 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
             pool_steps=pool,
             kernel_dilations=dilations or None,
             kernel_channel_mixes=int(config.get("kernel_channel_mixes", 1)),
+            kernel_summary=bool(config.get("kernel_summary", False)),
         )
     if kind == "image2d":
         return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)

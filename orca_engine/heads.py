@@ -30,15 +30,29 @@ class Head(nn.Module):
     #: how many body layer outputs forward() takes (> 1: a ``(layers, B, T, d)`` stack)
     layers: int = 1
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, *, summary_features: int = 0) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
         self.task_type = ""
         self.label_shape: tuple[int, ...] = ()
+        self.summary_features = int(summary_features)
+        self.summary: nn.Linear | None = None
+        if self.summary_features:
+            # starts at zero: the head begins as it would without the embedder's summary
+            self.summary = nn.Linear(self.summary_features, out_dim, bias=False)
+            nn.init.zeros_(self.summary.weight)
 
     def geometry(self) -> dict[str, Any]:
         """Constructor arguments beyond the sizes."""
         return {}
+
+    def _plus_summary(self, out: torch.Tensor, summary: torch.Tensor | None) -> torch.Tensor:
+        """Point heads: add a Linear read of the embedder's whole-sample features, if any."""
+        if self.summary is None:
+            return out
+        if summary is None:
+            raise RuntimeError("this head reads the embedder's summary, and none was given")
+        return out + self.summary(summary.to(out.dtype))
 
     def config(self) -> dict[str, Any]:
         """JSON-able description from which :func:`head_from_config` rebuilds this head."""
@@ -53,16 +67,24 @@ class Head(nn.Module):
 
 
 class PooledHead(Head):
-    """Mean over tokens, then Linear to ``out_dim`` logits/values: output ``(B, out_dim)``."""
+    """Mean over tokens, then Linear to ``out_dim`` logits/values: output ``(B, out_dim)``.
+
+    ``summary_features`` > 0: a second Linear also reads the embedder's whole-sample features
+    (a kernel bank's shares over the whole series) and adds to the output; the same for
+    :class:`FlatHead`.
+    """
 
     kind = "pooled"
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__(in_dim, out_dim)
+    def __init__(self, in_dim: int, out_dim: int, *, summary_features: int = 0) -> None:
+        super().__init__(in_dim, out_dim, summary_features=summary_features)
         self.linear = nn.Linear(in_dim, out_dim)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.mean(dim=1))
+    def geometry(self) -> dict[str, Any]:
+        return {"summary_features": self.summary_features} if self.summary_features else {}
+
+    def forward(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
+        return self._plus_summary(self.linear(hidden.mean(dim=1)), summary)
 
 
 class FlatHead(Head):
@@ -79,8 +101,16 @@ class FlatHead(Head):
 
     kind = "flat"
 
-    def __init__(self, in_dim: int, out_dim: int, *, n_tokens: int, layers: int = 1) -> None:
-        super().__init__(in_dim, out_dim)
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        n_tokens: int,
+        layers: int = 1,
+        summary_features: int = 0,
+    ) -> None:
+        super().__init__(in_dim, out_dim, summary_features=summary_features)
         self.n_tokens = int(n_tokens)
         self.layers = int(layers)
         self.linear = nn.Linear(in_dim * self.n_tokens, out_dim)
@@ -89,9 +119,12 @@ class FlatHead(Head):
             self.layer_logits = nn.Parameter(torch.zeros(self.layers))
 
     def geometry(self) -> dict[str, Any]:
+        geometry: dict[str, Any] = {"n_tokens": self.n_tokens}
         if self.layers > 1:  # absent for one layer, so older bundles rebuild unchanged
-            return {"n_tokens": self.n_tokens, "layers": self.layers}
-        return {"n_tokens": self.n_tokens}
+            geometry["layers"] = self.layers
+        if self.summary_features:  # likewise absent without a summary
+            geometry["summary_features"] = self.summary_features
+        return geometry
 
     def layer_weights(self) -> torch.Tensor | None:
         """The mix over the body's layer outputs (first: the body's input), or None."""
@@ -99,11 +132,11 @@ class FlatHead(Head):
             return None
         return torch.softmax(self.layer_logits, 0)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         weights = self.layer_weights()
         if weights is not None:
             hidden = torch.einsum("l,lbtd->btd", weights.to(hidden.dtype), hidden)
-        return self.linear(hidden.flatten(1))
+        return self._plus_summary(self.linear(hidden.flatten(1)), summary)
 
 
 class SequenceDenseHead(Head):
@@ -243,6 +276,8 @@ def create_head(
 
     ``flat``: point tasks read every token (:class:`FlatHead`) where the body keeps them;
     ``layer_mix`` (with ``flat``): that head reads a learned mix of all the body's layers.
+    Point heads also read the embedder's whole-sample features when it has some
+    (``embedder.summary_features``).
     """
     if out_dim < 1:
         raise SpecError(f"a head needs out_dim >= 1, got {out_dim}", param="task.type")
@@ -254,9 +289,12 @@ def create_head(
                 out_dim,
                 n_tokens=embedder.n_tokens,
                 layers=backbone.n_layer_outputs if layer_mix else 1,
+                summary_features=embedder.summary_features,
             )
             if flat and keeps_tokens
-            else PooledHead(backbone.output_dim, out_dim)
+            else PooledHead(
+                backbone.output_dim, out_dim, summary_features=embedder.summary_features
+            )
         )
     elif task_type in DENSE_TASKS:
         head = _dense_head(backbone, embedder, out_dim)

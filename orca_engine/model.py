@@ -10,7 +10,7 @@ from torch import nn
 from orca_engine.backbones import Backbone, create_backbone
 from orca_engine.embedders import Embedder, create_embedder, embedder_from_config
 from orca_engine.errors import SpecError
-from orca_engine.heads import Head, create_head, head_from_config
+from orca_engine.heads import POOLED_TASKS, Head, create_head, head_from_config
 
 TRAINABLE_MODES = ("full", "layernorm", "frozen", "embedder")
 CONFIG_VERSION = 1
@@ -31,10 +31,16 @@ class OrcaModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Task outputs: ``(B, out_dim)`` for pooled tasks, ``(B, K, *spatial)`` for dense ones."""
-        tokens = self.embedder(x)
+        if self.head.summary_features:
+            tokens, summary = self.embedder.encode(x)
+            return self.head(self._hidden(tokens), summary)
+        return self.head(self._hidden(self.embedder(x)))
+
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the last layer, or ``(layers, B, T, d)`` for a layer mix."""
         if self.head.layers > 1:
-            return self.head(torch.stack(self.backbone.layer_outputs(tokens, self.embedder.grid)))
-        return self.head(self.backbone(tokens, self.embedder.grid))
+            return torch.stack(self.backbone.layer_outputs(tokens, self.embedder.grid))
+        return self.backbone(tokens, self.embedder.grid)
 
     @property
     def task_type(self) -> str:
@@ -67,6 +73,7 @@ def build_model(
     flat_head: bool = False,
     kernel_bank: bool = False,
     layer_mix: bool = False,
+    kernel_summary: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -81,6 +88,7 @@ def build_model(
         token_budget=token_budget,
         stem_channels=stem_channels,
         kernel_bank=kernel_bank,
+        kernel_summary=kernel_summary and task_type in POOLED_TASKS,
     )
     head = create_head(
         task_type,

@@ -314,6 +314,7 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         flat_head=rspec.head_flat,
         kernel_bank=rspec.embedder_kernel_bank,
         layer_mix=rspec.head_layer_mix,
+        kernel_summary=rspec.head_kernel_summary,
     )
 
 

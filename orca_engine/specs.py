@@ -17,6 +17,8 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
   backbone's input and all its layers;
 * ``embedder_kernel_bank``: series point tasks also read each patch through a fixed bank of
   dilated filters (thresholds set from the training series), projected into every token;
+* ``head_kernel_summary``: with the kernel bank, the head also reads the bank's shares over the
+  whole series through a Linear of its own (starting at zero), beside the body's tokens;
 * ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
   selected only from half the epochs on (regression: any epoch);
 * ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
@@ -317,6 +319,8 @@ class ResolvedSpec(BaseModel):
     embedder_stem: Annotated[int, Field(ge=0)] = 0
     #: series: fixed dilated filters (calibrated on training data) add per-patch features
     embedder_kernel_bank: bool = False
+    #: with the kernel bank, point tasks: the head also reads its shares over the whole series
+    head_kernel_summary: bool = False
     #: point tasks: the head reads every token side by side, not their mean
     head_flat: bool = False
     #: with head_flat: the head reads a learned mix of every body layer, not the last alone
@@ -697,6 +701,13 @@ def resolve_spec(
         + (" on a vision backbone" if family == "vision" else "")
         + (f" on {task_type}" if task_type.startswith("dense_") else "")
     )
+    head_kernel_summary = kernel_bank
+    reasons["head_kernel_summary"] = (
+        "the head also reads the bank's shares over the whole series (MiniRocket's features) "
+        "through a Linear of its own beside the body's tokens (measured in docs/QUALITY.md)"
+        if head_kernel_summary
+        else "no kernel bank to summarise"
+    )
     n_val = validation_size(info)
     regression = task_type in REGRESSION_TASKS
     selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT and not regression else 0.0
@@ -802,6 +813,7 @@ def resolve_spec(
             head_flat=head_flat,
             head_layer_mix=head_layer_mix,
             embedder_kernel_bank=kernel_bank,
+            head_kernel_summary=head_kernel_summary,
             selection_start=selection_start,
             token_budget=token_budget,
             seed=spec.seed,

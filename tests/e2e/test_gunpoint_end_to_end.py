@@ -56,9 +56,11 @@ def test_gunpoint_with_minilm_predictions_over_http_match_the_reported_test_accu
     )
     assert done["status"] == "succeeded", done
     assert done["resolved_spec"]["backbone"] == "minilm-l6"
-    # the default series embedder: its kernel bank's thresholds must travel in the bundle for
-    # the HTTP predictions below to reproduce the engine's accuracy
+    # the default series embedder: its kernel bank's thresholds (and the whole-series scales the
+    # head reads) must travel in the bundle for the HTTP predictions below to reproduce the
+    # engine's accuracy
     assert done["resolved_spec"]["embedder_kernel_bank"] is True
+    assert done["resolved_spec"]["head_kernel_summary"] is True
     alignment = done["metrics"]["alignment"]
     assert alignment["before"] is not None and alignment["after"] is not None
     reported = done["metrics"]["test"]["accuracy"]

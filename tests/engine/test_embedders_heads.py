@@ -219,6 +219,81 @@ def test_bundles_from_before_channel_mixes_rebuild_their_bank() -> None:
     torch.testing.assert_close(again(x), old(x))
 
 
+def test_kernel_summary_is_the_whole_series_shares_read_beside_the_body() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    info = Info("seq1d", (2, 151), ())
+    torch.manual_seed(0)
+    model = build_model(
+        info=info,
+        task_type="classification",
+        out_dim=3,
+        backbone=backbone,
+        token_budget=8,
+        flat_head=True,
+        kernel_bank=True,
+        kernel_summary=True,
+    )
+    bank = model.embedder.bank
+    assert bank is not None and bank.summary
+    assert model.embedder.summary_features == model.head.summary_features == bank.n_features
+    train = torch.randn(40, 2, 151).cumsum(-1)
+    model.embedder.calibrate(train)
+    tokens, summary = model.embedder.encode(train)
+    assert summary is not None and summary.shape == (40, bank.n_features)
+    torch.testing.assert_close(tokens, model.embedder(train))
+    # MiniRocket's features: each filter's share of all 151 positions above its thresholds,
+    # standardised over the training series
+    responses = torch.cat([bank._responses(train, i) for i in range(len(bank.dilations))], 1)
+    above = responses.unsqueeze(2) > bank.thresholds.flatten(0, 1)[None, :, :, None]
+    whole = above.float().mean(-1).flatten(1)
+    expected = (whole - whole.mean(0)) / whole.std(0, unbiased=False).clamp_min(0.05)
+    torch.testing.assert_close(summary, expected, atol=1e-4, rtol=0)
+    # the summary's Linear starts at zero: the model begins as the one without it
+    assert model.head.summary is not None and not model.head.summary.weight.any()
+    torch.manual_seed(0)
+    plain = build_model(
+        info=info,
+        task_type="classification",
+        out_dim=3,
+        backbone=backbone,
+        token_budget=8,
+        flat_head=True,
+        kernel_bank=True,
+    )
+    assert plain.head.summary is None and "summary_features" not in plain.head.config()
+    plain.embedder.calibrate(train)
+    shared = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
+    plain.load_state_dict(shared)
+    model.eval(), plain.eval()  # no dropout
+    torch.testing.assert_close(model(train), plain(train))
+    # and it trains: one step on the summary alone moves the output
+    model(train).logsumexp(-1).sum().backward()
+    assert model.head.summary.weight.grad is not None and model.head.summary.weight.grad.any()
+    with torch.no_grad():
+        model.head.summary.weight.add_(0.1)
+    assert not torch.allclose(model(train), plain(train))
+    # bundle round trip: config keys and buffers rebuild the same model
+    config = json.loads(json.dumps(model.config()))
+    assert config["embedder"]["kernel_summary"] is True
+    assert config["head"]["summary_features"] == bank.n_features
+    rebuilt = model_from_config(config)
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(train), model(train))
+    # dense tasks and inputs without a bank get no summary
+    dense = build_model(
+        info=info,
+        task_type="dense_regression",
+        out_dim=1,
+        backbone=backbone,
+        token_budget=8,
+        kernel_bank=True,
+        kernel_summary=True,
+    )
+    assert dense.embedder.summary_features == 0
+    no_bank = create_embedder("seq1d", (2, 151), backbone, token_budget=8, kernel_summary=True)
+    assert no_bank.summary_features == 0 and no_bank.encode(train)[1] is None
+
+
 @pytest.mark.parametrize("length", [7, 151, 1009])
 def test_dense_sequence_output_matches_input_length(backbone: Backbone, length: int) -> None:
     info = Info("seq1d", (2, length), (3, length))

@@ -153,6 +153,9 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     # ... and also through the fixed kernel bank; vision bodies, images, tables, dense maps don't
     assert series.embedder_kernel_bank is True
     assert "fixed filters" in series.reasons["embedder_kernel_bank"]
+    # ... whose shares over the whole series the head reads too, wherever there is a bank
+    assert series.head_kernel_summary is True
+    assert "whole series" in series.reasons["head_kernel_summary"]
     on_vit = resolve_spec(JobSpec(dataset_id="d", backbone="tiny-vit"), _info())
     assert (
         on_vit.embedder_kernel_bank is False and "vision" in on_vit.reasons["embedder_kernel_bank"]
@@ -194,8 +197,12 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     )
     assert table_on_vit.head_flat is False and table_on_vit.head_layer_mix is False
     assert not (table.embedder_kernel_bank or image.embedder_kernel_bank)
+    assert not (
+        table.head_kernel_summary or image.head_kernel_summary or on_vit.head_kernel_summary
+    )
     dense_series = _info(label_shape=(150,), **{**REGRESSION, "task_type": "dense_regression"})
-    assert resolve_spec(JobSpec(dataset_id="d"), dense_series).embedder_kernel_bank is False
+    dense_resolved = resolve_spec(JobSpec(dataset_id="d"), dense_series)
+    assert not (dense_resolved.embedder_kernel_bank or dense_resolved.head_kernel_summary)
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
