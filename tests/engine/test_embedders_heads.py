@@ -219,20 +219,25 @@ def test_bundles_from_before_channel_mixes_rebuild_their_bank() -> None:
     torch.testing.assert_close(again(x), old(x))
 
 
-def test_kernel_summary_is_the_whole_series_shares_read_beside_the_body() -> None:
-    backbone = create_backbone("tiny-bert", allow_random_init=True)
-    info = Info("seq1d", (2, 151), ())
+def _banked_series_model(
+    backbone: Backbone, task_type: str = "classification", *, summary: bool
+) -> OrcaModel:
     torch.manual_seed(0)
-    model = build_model(
-        info=info,
-        task_type="classification",
+    return build_model(
+        info=Info("seq1d", (2, 151), ()),
+        task_type=task_type,
         out_dim=3,
         backbone=backbone,
         token_budget=8,
         flat_head=True,
         kernel_bank=True,
-        kernel_summary=True,
+        kernel_summary=summary,
     )
+
+
+def test_kernel_summary_is_the_whole_series_shares_read_beside_the_body() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    model = _banked_series_model(backbone, summary=True)
     bank = model.embedder.bank
     assert bank is not None and bank.summary
     assert model.embedder.summary_features == model.head.summary_features == bank.n_features
@@ -250,16 +255,7 @@ def test_kernel_summary_is_the_whole_series_shares_read_beside_the_body() -> Non
     torch.testing.assert_close(summary, expected, atol=1e-4, rtol=0)
     # the summary's Linear starts at zero: the model begins as the one without it
     assert model.head.summary is not None and not model.head.summary.weight.any()
-    torch.manual_seed(0)
-    plain = build_model(
-        info=info,
-        task_type="classification",
-        out_dim=3,
-        backbone=backbone,
-        token_budget=8,
-        flat_head=True,
-        kernel_bank=True,
-    )
+    plain = _banked_series_model(backbone, summary=False)
     assert plain.head.summary is None and "summary_features" not in plain.head.config()
     plain.embedder.calibrate(train)
     shared = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
@@ -280,16 +276,8 @@ def test_kernel_summary_is_the_whole_series_shares_read_beside_the_body() -> Non
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(rebuilt.eval()(train), model(train))
     # dense tasks and inputs without a bank get no summary
-    dense = build_model(
-        info=info,
-        task_type="dense_regression",
-        out_dim=1,
-        backbone=backbone,
-        token_budget=8,
-        kernel_bank=True,
-        kernel_summary=True,
-    )
-    assert dense.embedder.summary_features == 0
+    dense = _banked_series_model(backbone, "dense_regression", summary=True)
+    assert dense.embedder.summary_features == 0 and dense.head.summary_features == 0
     no_bank = create_embedder("seq1d", (2, 151), backbone, token_budget=8, kernel_summary=True)
     assert no_bank.summary_features == 0 and no_bank.encode(train)[1] is None
 
