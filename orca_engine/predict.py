@@ -76,6 +76,8 @@ class Predictor:
             raise DataError(
                 f"inputs are not a rectangular numeric array: {error}", param="inputs"
             ) from None
+        if array.dtype == object:
+            array = _nulls_as_nan(array)
         if array.dtype == object or array.dtype.kind not in "biuf":
             raise DataError(
                 f"inputs must be numeric (int or float); got dtype {array.dtype}"
@@ -101,7 +103,8 @@ class Predictor:
             raise DataError(
                 f"inputs contain {bad} NaN or infinite values"
                 + (
-                    "; NaN is read only as trailing padding of a series (after its last value)"
+                    "; NaN (JSON null) is read only as trailing padding of a series (after its "
+                    "last value)"
                     if len(expected) == 2
                     else ""
                 ),
@@ -160,3 +163,19 @@ def load_model(bundle_dir: str | Path, *, device: str | torch.device = "cpu") ->
     # Prediction only reads the weights: members' identical backbone weights are held once.
     model, config = load_bundle(bundle_dir, share_identical=True)
     return Predictor(model, config, device=resolve_device(device))
+
+
+def _nulls_as_nan(array: np.ndarray) -> np.ndarray:
+    """JSON has no NaN: a rectangular array of numbers and nulls reads each null as NaN.
+
+    Anything else in an object array (strings, booleans beside nulls, ragged lists) is left
+    for the dtype check to refuse.
+    """
+    flat = array.ravel()
+    if not all(
+        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        for value in flat
+    ):
+        return array
+    numbers = [np.nan if value is None else float(value) for value in flat]
+    return np.asarray(numbers, dtype=np.float64).reshape(array.shape)

@@ -157,6 +157,15 @@ def test_predict_json_and_npy(
     one = client.post(url, headers=auth, json={"inputs": x[0].tolist()}).json()
     assert one["predictions"] == expected.predictions[:1] and len(one["probabilities"]) == 1
 
+    # JSON has no NaN: a shorter series pads with null, read as an upload's trailing padding
+    padded = x.tolist()
+    padded[0][0][-3:] = [None] * 3
+    zero_filled = x.copy()
+    zero_filled[0, 0, -3:] = 0.0
+    nulls = client.post(url, headers=auth, json={"inputs": padded})
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json()["predictions"] == load_model(engine_bundle).predict(zero_filled).predictions
+
     buffer = io.BytesIO()
     np.save(buffer, x)
     npy = client.post(
@@ -170,6 +179,7 @@ def test_predict_json_and_npy(
     [
         ({"inputs": [[1.0, 2.0]]}, "json"),
         ({"inputs": [[[float("nan")] * 16]]}, "json"),
+        ({"inputs": [[[1.0] * 8 + [None] + [1.0] * 7]]}, "json"),  # null in a gap
         ({"inputs": [["a"] * 16]}, "json"),
         ({"inputs": [[[1.0] * 16], [[1.0] * 15]]}, "json"),
         ({"inputs": []}, "json"),

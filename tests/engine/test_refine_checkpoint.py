@@ -336,6 +336,15 @@ def test_predictor_reads_trailing_nan_as_the_padding_of_shorter_series(tmp_path:
     infinite[1, 0, -1] = np.inf
     with pytest.raises(DataError, match="1 NaN or infinite"):
         predictor.predict(infinite)
+    # JSON has no NaN: nested lists pad with null (None), read the same way
+    as_json = [[[None if np.isnan(v) else float(v) for v in row] for row in s] for s in padded]
+    np.testing.assert_array_equal(predictor.outputs(as_json), predictor.outputs(zero_filled))
+    as_json[1][0][5] = None  # a gap again
+    with pytest.raises(DataError, match=r"NaN \(JSON null\) is read only as trailing padding"):
+        predictor.predict(as_json)
+    as_json[1][0][5] = "0.5"  # text is not a number, with or without nulls around it
+    with pytest.raises(DataError, match="must be numeric"):
+        predictor.predict(as_json)
 
 
 def test_a_failed_save_leaves_no_half_written_bundle(
