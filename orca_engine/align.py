@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from orca_engine.device import cpu_copy
 from orca_engine.distances import Distance, SourceData, create_distance, kmeans_labels, pool_tokens
 from orca_engine.progress import Callbacks
 
@@ -112,10 +113,6 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def _copy_state(module: torch.nn.Module) -> dict[str, Tensor]:
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
 def _make_trainable(model: Any) -> None:
@@ -212,7 +209,7 @@ def align_embedder(
             optimizer.zero_grad(set_to_none=True)
             curve.append(_distance_and_gradient(model, x_target, y_target, dist, chunk_size))
             if best is None or curve[-1] < best[0]:
-                best = (curve[-1], len(curve) - 1, _copy_state(model.embedder))
+                best = (curve[-1], len(curve) - 1, cpu_copy(model.embedder.state_dict()))
             optimizer.step()
             if path is not None:
                 _save_state(

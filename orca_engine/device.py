@@ -30,6 +30,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a state dict (a best-so-far snapshot that training won't move)."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices); make cuDNN pick deterministic kernels.
 

@@ -267,22 +267,25 @@ class KernelBank(nn.Module):
         return (shares * self.valid).sum(-1) / self.length
 
     @torch.no_grad()
-    def summarize(self, standardised: torch.Tensor) -> torch.Tensor:
-        """The whole series' standardised shares ``(B, features)`` from :meth:`forward`'s output.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.standardise(self.raw_shares(x))
+
+    def standardise(self, shares: torch.Tensor) -> torch.Tensor:
+        """Raw per-patch shares (:meth:`raw_shares`) -> :meth:`forward`'s standardised output."""
+        return (shares - self.share_mean) / self.share_scale
+
+    def summarize(self, shares: torch.Tensor) -> torch.Tensor:
+        """Raw per-patch shares -> the whole series' standardised shares ``(B, features)``.
 
         MiniRocket's own features (positives over every position), standardised over the
         training series like the per-patch ones.
         """
         if not self.summary:
             raise RuntimeError("this kernel bank was built without summary=True")
-        raw = standardised * self.share_scale + self.share_mean
-        return (self._whole_series(raw) - self.summary_mean) / self.summary_scale
+        return (self._whole_series(shares) - self.summary_mean) / self.summary_scale
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._shares(x) - self.share_mean) / self.share_scale
-
-    def _shares(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_shares(self, x: torch.Tensor) -> torch.Tensor:
         """Raw shares of the series ``x`` (steps, not yet averaged)."""
         return self._pooled_shares(self._averaged(x.float()))
 
@@ -494,8 +497,9 @@ class SequenceEmbedder(Embedder):
         tokens = self.proj(tokens).transpose(1, 2)
         summary = None
         if self.bank is not None and self.bank_proj is not None:
-            shares = self.bank(x)
-            tokens = tokens + self.bank_proj(shares.transpose(1, 2).to(tokens.dtype))
+            shares = self.bank.raw_shares(x)  # fixed: no gradient reaches the bank
+            per_patch = self.bank.standardise(shares).transpose(1, 2)
+            tokens = tokens + self.bank_proj(per_patch.to(tokens.dtype))
             if self.bank.summary:
                 summary = self.bank.summarize(shares).to(tokens.dtype)
         return tokens, summary

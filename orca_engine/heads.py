@@ -63,6 +63,8 @@ class Head(nn.Module):
             "out_dim": self.out_dim,
             "label_shape": list(self.label_shape),
             **self.geometry(),
+            # absent without a summary, so older bundles rebuild unchanged
+            **({"summary_features": self.summary_features} if self.summary_features else {}),
         }
 
 
@@ -79,9 +81,6 @@ class PooledHead(Head):
     def __init__(self, in_dim: int, out_dim: int, *, summary_features: int = 0) -> None:
         super().__init__(in_dim, out_dim, summary_features=summary_features)
         self.linear = nn.Linear(in_dim, out_dim)
-
-    def geometry(self) -> dict[str, Any]:
-        return {"summary_features": self.summary_features} if self.summary_features else {}
 
     def forward(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         return self._plus_summary(self.linear(hidden.mean(dim=1)), summary)
@@ -119,12 +118,9 @@ class FlatHead(Head):
             self.layer_logits = nn.Parameter(torch.zeros(self.layers))
 
     def geometry(self) -> dict[str, Any]:
-        geometry: dict[str, Any] = {"n_tokens": self.n_tokens}
         if self.layers > 1:  # absent for one layer, so older bundles rebuild unchanged
-            geometry["layers"] = self.layers
-        if self.summary_features:  # likewise absent without a summary
-            geometry["summary_features"] = self.summary_features
-        return geometry
+            return {"n_tokens": self.n_tokens, "layers": self.layers}
+        return {"n_tokens": self.n_tokens}
 
     def layer_weights(self) -> torch.Tensor | None:
         """The mix over the body's layer outputs (first: the body's input), or None."""

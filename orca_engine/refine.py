@@ -27,6 +27,7 @@ from orca_engine.checkpoint import load_stage, save_stage
 from orca_engine.data import Dataset, Normaliser, TargetScaler
 from orca_engine.device import (
     autocast,
+    cpu_copy,
     out_of_memory_as_error,
     outputs_in_chunks,
     restore_rng_state,
@@ -302,10 +303,6 @@ def _is_better(
     return best_loss is not None and not math.isnan(loss) and loss < best_loss
 
 
-def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
-
-
 def refine(
     model: OrcaModel,
     dataset: Dataset,
@@ -475,7 +472,7 @@ def refine(
         if eligible and _is_better(score, val_loss, best_score, best_loss, higher=higher):
             best_epoch, best_score, best_val = epoch + 1, score, val_metrics
             best_loss = val_loss
-            best_state = _cpu_copy(evaluated.state_dict())
+            best_state = cpu_copy(evaluated.state_dict())
             epochs_since_best = 0
         elif eligible:
             epochs_since_best += 1

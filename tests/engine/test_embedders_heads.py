@@ -116,7 +116,7 @@ def test_kernel_bank_thresholds_come_from_training_series() -> None:
     # thresholds are ordered quantiles of each filter's responses, so on the training series the
     # raw shares above them sit near 1 - q; standardised, they are centred with unit-ish spread
     assert bool((bank.thresholds.diff(dim=-1) >= 0).all())
-    raw = bank._shares(train).unflatten(1, (len(bank.dilations), 84, len(KERNEL_BANK_QUANTILES)))
+    raw = bank.raw_shares(train).unflatten(1, (len(bank.dilations), 84, len(KERNEL_BANK_QUANTILES)))
     overall = raw.mean(dim=(0, 1, 2, 4))
     expected = torch.tensor([1 - q for q in KERNEL_BANK_QUANTILES])
     torch.testing.assert_close(overall, expected, atol=0.02, rtol=0)
@@ -129,7 +129,7 @@ def test_kernel_bank_thresholds_come_from_training_series() -> None:
     assert torch.equal(again.thresholds, bank.thresholds)
     # the last token counts only its 18 real steps (151 = 7 * 19 + 18), not the padding
     bank.thresholds.fill_(-math.inf)
-    assert bool((bank._shares(train) == 1.0).all())
+    assert bool((bank.raw_shares(train) == 1.0).all())
 
 
 def test_kernel_bank_embedder_round_trips_and_reads_long_series_averaged() -> None:
