@@ -209,7 +209,16 @@ def _revision() -> str:
         return "unknown"
 
 
-def run(variants: list[str], datasets: list[str], seeds: list[int], threads: int) -> None:
+def run(
+    variants: list[str],
+    datasets: list[str],
+    seeds: list[int],
+    threads: int,
+    keep_bundles: Path | None = None,
+) -> None:
+    """Run every variant on every dataset and seed; ``keep_bundles``: copy each model there."""
+    import shutil
+
     import torch
 
     from orca_engine.pipeline import run_job
@@ -235,6 +244,10 @@ def run(variants: list[str], datasets: list[str], seeds: list[int], threads: int
                         resolved_overrides=overrides or None,
                     )
                     seconds = time.monotonic() - started
+                    if keep_bundles is not None:
+                        kept = keep_bundles / f"{variant}-{name}-{seed}"
+                        shutil.rmtree(kept, ignore_errors=True)
+                        shutil.copytree(Path(tmp) / "bundle", kept)
                 record = {
                     "variant": variant,
                     "dataset": name,
@@ -302,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary", action="store_true", help="print the table and exit")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSONL to summarise")
+    parser.add_argument(
+        "--keep-bundles",
+        type=Path,
+        default=None,
+        help="copy each run's model bundle to DIR/<variant>-<dataset>-<seed> (for analysis)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.summary:
@@ -315,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         args.datasets.split(","),
         [int(s) for s in args.seeds.split(",")],
         args.threads,
+        args.keep_bundles,
     )
     return 0
 
