@@ -194,6 +194,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # session 18: the head also reads the kernel bank's shares over the whole series
     "summary": ({}, {"head_kernel_summary": True}),
     "summary-noalign": ({"alignment": {"distance": "none"}}, {"head_kernel_summary": True}),
+    "local-skip": ({}, {"head_local_skip": True}),
     "auto-nostop": ({"finetune": {"early_stopping_patience": 0}}, {}),
 }
 

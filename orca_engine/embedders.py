@@ -394,6 +394,15 @@ class Embedder(nn.Module):
         """:meth:`forward`'s tokens and the whole-sample features ``(B, summary_features)``."""
         return self(x), None
 
+    @property
+    def local_features(self) -> int:
+        """Channels of the per-position features :meth:`encode_local` also returns (0: none)."""
+        return 0
+
+    def encode_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`'s tokens and per-position features ``(B, local_features, *S)``."""
+        return self(x), None
+
     def config(self) -> dict[str, Any]:
         """JSON-able description from which :func:`embedder_from_config` rebuilds this layer."""
         return {
@@ -477,19 +486,32 @@ class SequenceEmbedder(Embedder):
         return self.bank.n_features if self.bank is not None and self.bank.summary else 0
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tokens, summary = self._tokens(x)
+        tokens, summary, _ = self._tokens(x)
         return self.norm(tokens) + self.positions, summary
+
+    @property
+    def local_features(self) -> int:
+        """The stem's channels: its output at every position, before patching."""
+        return self.stem_channels if self.stem is not None else 0
+
+    def encode_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens, _, local = self._tokens(x)
+        return self.norm(tokens) + self.positions, local
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         return self._tokens(x)[0]
 
-    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens before norm and positions, and the bank's whole-series shares (or None)."""
+    def _tokens(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Tokens before norm and positions, the bank's whole-series shares (or None), and the
+        stem's output at every position (or None without a stem)."""
         if x.dim() == 2:  # tabular rows read as a one-channel sequence
             x = x.unsqueeze(1)
         tokens = x
+        local = None
         if self.stem is not None:
-            tokens = self.stem(tokens)
+            tokens = local = self.stem(tokens)
         if self.pad:
             tokens = F.pad(tokens, (0, self.pad))
         if self.pool_steps > 1:
@@ -502,7 +524,7 @@ class SequenceEmbedder(Embedder):
             tokens = tokens + self.bank_proj(per_patch.to(tokens.dtype))
             if self.bank.summary:
                 summary = self.bank.summarize(shares).to(tokens.dtype)
-        return tokens, summary
+        return tokens, summary, local
 
     def config(self) -> dict[str, Any]:
         config = {**super().config(), "stem_channels": self.stem_channels}

@@ -154,12 +154,19 @@ class SequenceDenseHead(Head):
         patch: int,
         layout: tuple[int, int] | None = None,
         stride: int = 1,
+        skip_features: int = 0,
     ) -> None:
         super().__init__(in_dim, out_dim)
         self.length, self.n_tokens, self.patch = length, n_tokens, patch
         self.layout = tuple(layout) if layout is not None else None
         self.stride = stride
         self.linear = nn.Linear(in_dim, out_dim * patch)
+        self.skip_features = int(skip_features)
+        self.skip: nn.Conv1d | None = None
+        if self.skip_features:
+            # starts at zero: the head begins as it would without the embedder's local features
+            self.skip = nn.Conv1d(self.skip_features, out_dim, 1, bias=False)
+            nn.init.zeros_(self.skip.weight)
 
     def _per_input_token(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.layout is None:
@@ -171,12 +178,18 @@ class SequenceDenseHead(Head):
         grid = grid.repeat_interleave(self.stride, dim=1).repeat_interleave(self.stride, dim=2)
         return grid[:, :rows, :cols].reshape(batch, rows * cols, width)[:, : self.n_tokens]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+        """``local`` (with ``skip_features``): the embedder's per-position features ``(B, F, L)``."""
         tokens = self._per_input_token(hidden)
         batch, n_tokens, _ = tokens.shape
         out = self.linear(tokens).reshape(batch, n_tokens, self.out_dim, self.patch)
         out = out.permute(0, 2, 1, 3).reshape(batch, self.out_dim, n_tokens * self.patch)
-        return out[:, :, : self.length]
+        out = out[:, :, : self.length]
+        if self.skip is None:
+            return out
+        if local is None:
+            raise RuntimeError("this head reads the embedder's local features, and none were given")
+        return out + self.skip(local.to(out.dtype))
 
     def geometry(self) -> dict[str, Any]:
         return {
@@ -185,6 +198,8 @@ class SequenceDenseHead(Head):
             "patch": self.patch,
             "layout": list(self.layout) if self.layout is not None else None,
             "stride": self.stride,
+            # absent without a skip, so older bundles rebuild unchanged
+            **({"skip_features": self.skip_features} if self.skip_features else {}),
         }
 
 
@@ -229,7 +244,7 @@ class ImageDenseHead(Head):
 
 
 def _dense_head(
-    backbone: Backbone, embedder: Embedder, out_dim: int
+    backbone: Backbone, embedder: Embedder, out_dim: int, *, local_skip: bool = False
 ) -> SequenceDenseHead | ImageDenseHead:
     stride = backbone.output_stride()
     if embedder.input_kind == "seq1d":
@@ -242,6 +257,7 @@ def _dense_head(
             patch=embedder.patch_size,
             layout=layout,
             stride=stride if layout is not None else 1,
+            skip_features=embedder.local_features if local_skip else 0,
         )
     if embedder.input_kind == "image2d" and embedder.grid is not None:
         out_grid = backbone.output_grid(embedder.grid) or embedder.grid
@@ -267,6 +283,7 @@ def create_head(
     label_shape: tuple[int, ...],
     flat: bool = False,
     layer_mix: bool = False,
+    local_skip: bool = False,
 ) -> Head:
     """The head for ``task_type``; ``out_dim`` is classes, targets, or dense output channels K.
 
@@ -293,7 +310,7 @@ def create_head(
             )
         )
     elif task_type in DENSE_TASKS:
-        head = _dense_head(backbone, embedder, out_dim)
+        head = _dense_head(backbone, embedder, out_dim, local_skip=local_skip)
     else:
         raise SpecError(f"unknown task type {task_type!r}", param="task.type")
     head.task_type = task_type

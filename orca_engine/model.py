@@ -31,6 +31,9 @@ class OrcaModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Task outputs: ``(B, out_dim)`` for pooled tasks, ``(B, K, *spatial)`` for dense ones."""
+        if getattr(self.head, "skip_features", 0):
+            tokens, local = self.embedder.encode_local(x)
+            return self.head(self._hidden(tokens), local)
         if self.head.summary_features:
             tokens, summary = self.embedder.encode(x)
             return self.head(self._hidden(tokens), summary)
@@ -74,6 +77,7 @@ def build_model(
     kernel_bank: bool = False,
     layer_mix: bool = False,
     kernel_summary: bool = False,
+    local_skip: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -98,6 +102,7 @@ def build_model(
         label_shape=tuple(info.label_shape),
         flat=flat_head,
         layer_mix=layer_mix,
+        local_skip=local_skip,
     )
     return OrcaModel(embedder, backbone, head)
 

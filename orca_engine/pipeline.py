@@ -315,6 +315,7 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         kernel_bank=rspec.embedder_kernel_bank,
         layer_mix=rspec.head_layer_mix,
         kernel_summary=rspec.head_kernel_summary,
+        local_skip=rspec.head_local_skip,
     )
 
 

@@ -19,6 +19,8 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
   dilated filters (thresholds set from the training series), projected into every token;
 * ``head_kernel_summary``: with the kernel bank, the head also reads the bank's shares over the
   whole series through a Linear of its own (starting at zero), beside the body's tokens;
+* ``head_local_skip``: dense series tasks also read the conv stem's output at every position
+  through a Linear of their own (starting at zero), beside the per-token decoder;
 * ``selection_start``: for classification with fewer than 100 validation rows, checkpoints are
   selected only from half the epochs on (regression: any epoch);
 * ``ensemble_members``: up to 5 cross-fitted members while five runs fit in a budget of
@@ -321,6 +323,8 @@ class ResolvedSpec(BaseModel):
     embedder_kernel_bank: bool = False
     #: with the kernel bank, point tasks: the head also reads its shares over the whole series
     head_kernel_summary: bool = False
+    #: dense series tasks: the head also reads the embedder stem's output at every position
+    head_local_skip: bool = False
     #: point tasks: the head reads every token side by side, not their mean
     head_flat: bool = False
     #: with head_flat: the head reads a learned mix of every body layer, not the last alone
@@ -708,6 +712,18 @@ def resolve_spec(
         if head_kernel_summary
         else "no kernel bank to summarise"
     )
+    head_local_skip = (
+        task_type.startswith("dense_") and info.input_kind == "seq1d" and embedder_stem > 0
+    )
+    reasons["head_local_skip"] = (
+        "each output position also reads the conv stem's features at that position through a "
+        "Linear of its own (starting at zero) beside the per-token decoder (measured in "
+        "docs/QUALITY.md)"
+        if head_local_skip
+        else "only dense series tasks read the stem at every position"
+        if not task_type.startswith("dense_") or info.input_kind != "seq1d"
+        else "no conv stem to read"
+    )
     n_val = validation_size(info)
     regression = task_type in REGRESSION_TASKS
     selection_start = LATE_SELECTION_START if n_val < SMALL_VAL_SPLIT and not regression else 0.0
@@ -814,6 +830,7 @@ def resolve_spec(
             head_layer_mix=head_layer_mix,
             embedder_kernel_bank=kernel_bank,
             head_kernel_summary=head_kernel_summary,
+            head_local_skip=head_local_skip,
             selection_start=selection_start,
             token_budget=token_budget,
             seed=spec.seed,

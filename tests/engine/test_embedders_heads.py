@@ -435,3 +435,46 @@ def test_impossible_heads_are_spec_errors() -> None:
         make_model(bert, Info("seq1d", (1, 5), ()), "ranking", 1)
     with pytest.raises(SpecError):
         create_embedder("image2d", (28, 28), bert, token_budget=BUDGET)
+
+
+def test_a_dense_local_skip_reads_the_stem_at_every_position_beside_the_body() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    info = Info("seq1d", (2, 61), (3, 61))
+
+    def dense(skip: bool) -> OrcaModel:
+        torch.manual_seed(0)
+        return build_model(
+            info=info,
+            task_type="dense_regression",
+            out_dim=3,
+            backbone=backbone,
+            token_budget=8,
+            stem_channels=16,
+            local_skip=skip,
+        )
+
+    model, plain = dense(True), dense(False)
+    head = model.head
+    assert head.skip is not None and head.config()["skip_features"] == 16
+    assert "skip_features" not in plain.head.config()
+    x = torch.randn(4, 2, 61)
+    tokens, local = model.embedder.encode_local(x)
+    assert local is not None and local.shape == (4, 16, 61)
+    torch.testing.assert_close(tokens, model.embedder(x))
+    torch.testing.assert_close(local, model.embedder.stem(x))
+    # zero at the start: the model begins as the one without the skip
+    model.eval(), plain.eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+    torch.testing.assert_close(model(x), plain(x))
+    # each output position reads the stem's features at that position: one more Linear
+    with torch.no_grad():
+        head.skip.weight.normal_()
+    expected = plain(x) + torch.einsum("kf,bfl->bkl", head.skip.weight[:, :, 0], local)
+    torch.testing.assert_close(model(x), expected)
+    rebuilt = model_from_config(json.loads(json.dumps(model.config())))
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), model(x))
+    # and the gradient reaches it
+    model.train()
+    model(x).square().sum().backward()
+    assert head.skip.weight.grad is not None and head.skip.weight.grad.any()

@@ -342,3 +342,43 @@ def test_minilm_job_fits_the_time_budget(minilm_job: tuple[JobResult, Recorder, 
     _, _, seconds = minilm_job
     # ~160 s measured on 2 cores shared with other jobs; ~30 s of it is refine when cores are idle.
     assert seconds < 420
+
+
+def test_a_dense_series_job_reads_the_stem_at_every_position_and_reloads(
+    tmp_path: Path,
+) -> None:
+    # a local map: each output point is a weighted mean of its input's neighbourhood, squared
+    rng = np.random.default_rng(0)
+
+    def fields(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, 1, 32)).cumsum(-1).astype(np.float32)
+        y = (0.5 * x + 0.25 * (np.roll(x, 1, -1) + np.roll(x, -1, -1))) ** 2
+        return x, y.astype(np.float32)
+
+    x_train, y_train = fields(48)
+    x_test, y_test = fields(12)
+    path = tmp_path / "field.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    spec = {**TINY_SPEC, "dataset_id": "field", "finetune": {"epochs": 2, "lr": 1e-3}}
+    result = run_job(
+        spec,
+        path,
+        tmp_path / "work",
+        bundle_dir=tmp_path / "bundle",
+        device="cpu",
+        resolved_overrides={"ensemble_members": 1},
+    )
+    assert result.resolved_spec["task_type"] == "dense_regression"
+    assert result.resolved_spec["head_local_skip"] is True
+    assert "each output position" in result.resolved_spec["reasons"]["head_local_skip"]
+    weights = _weights(result.bundle_dir)
+    skip = weights["head.skip.weight"]
+    assert skip.shape == (1, result.resolved_spec["embedder_stem"], 1) and skip.abs().sum() > 0
+    predictor = load_model(result.bundle_dir)
+    assert (
+        predictor.config["model"]["head"]["skip_features"] == result.resolved_spec["embedder_stem"]
+    )
+    outputs = np.asarray(predictor.predict(x_test).predictions)
+    assert outputs.shape == y_test.shape
+    metrics = compute_metrics("dense_regression", y_test, outputs)
+    assert metrics["relative_l2"] == pytest.approx(result.metrics["test"]["relative_l2"], rel=1e-4)

@@ -203,6 +203,12 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     dense_series = _info(label_shape=(150,), **{**REGRESSION, "task_type": "dense_regression"})
     dense_resolved = resolve_spec(JobSpec(dataset_id="d"), dense_series)
     assert not (dense_resolved.embedder_kernel_bank or dense_resolved.head_kernel_summary)
+    # dense series read the stem at every position beside the decoder; nothing else does
+    assert dense_resolved.head_local_skip is True and dense_resolved.embedder_stem == 64
+    assert "each output position" in dense_resolved.reasons["head_local_skip"]
+    assert "only dense series" in series.reasons["head_local_skip"]
+    dense_image = resolve_spec(JobSpec(dataset_id="d"), dense)
+    assert not (series.head_local_skip or table.head_local_skip or dense_image.head_local_skip)
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
