@@ -29,6 +29,8 @@ class Head(nn.Module):
     kind: str
     #: how many body layer outputs forward() takes (> 1: a ``(layers, B, T, d)`` stack)
     layers: int = 1
+    #: > 0: forward() also takes the embedder's per-position features (``encode_local``)
+    skip_features: int = 0
 
     def __init__(self, in_dim: int, out_dim: int, *, summary_features: int = 0) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ class OrcaModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Task outputs: ``(B, out_dim)`` for pooled tasks, ``(B, K, *spatial)`` for dense ones."""
-        if getattr(self.head, "skip_features", 0):
+        if self.head.skip_features:
             tokens, local = self.embedder.encode_local(x)
             return self.head(self._hidden(tokens), local)
         if self.head.summary_features:
