@@ -712,17 +712,16 @@ def resolve_spec(
         if head_kernel_summary
         else "no kernel bank to summarise"
     )
-    head_local_skip = (
-        task_type.startswith("dense_") and info.input_kind == "seq1d" and embedder_stem > 0
-    )
+    dense_series = task_type.startswith("dense_") and info.input_kind == "seq1d"
+    head_local_skip = dense_series and embedder_stem > 0
     reasons["head_local_skip"] = (
         "each output position also reads the conv stem's features at that position through a "
         "Linear of its own (starting at zero) beside the per-token decoder (measured in "
         "docs/QUALITY.md)"
         if head_local_skip
-        else "only dense series tasks read the stem at every position"
-        if not task_type.startswith("dense_") or info.input_kind != "seq1d"
         else "no conv stem to read"
+        if dense_series
+        else "only dense series tasks read the stem at every position"
     )
     n_val = validation_size(info)
     regression = task_type in REGRESSION_TASKS
