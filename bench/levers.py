@@ -195,6 +195,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "summary": ({}, {"head_kernel_summary": True}),
     "summary-noalign": ({"alignment": {"distance": "none"}}, {"head_kernel_summary": True}),
     "local-skip": ({}, {"head_local_skip": True}),
+    # session 20: the series stem wraps around the ends (periodic fields) instead of zero padding
+    "circular": ({}, {"embedder_circular": True}),
     "auto-nostop": ({"finetune": {"early_stopping_patience": 0}}, {}),
 }
 

@@ -56,17 +56,29 @@ def stem_kernel(patch_size: int, *, largest: int = SEQUENCE_STEM_MAX_KERNEL) -> 
 
 
 def local_stem(
-    conv: type[nn.Conv1d] | type[nn.Conv2d], in_channels: int, stem_channels: int, kernel: int
+    conv: type[nn.Conv1d] | type[nn.Conv2d],
+    in_channels: int,
+    stem_channels: int,
+    kernel: int,
+    *,
+    circular: bool = False,
 ) -> nn.Sequential | None:
     """Same-size ``conv`` + GELU in front of a patch projection; None when ``stem_channels`` is 0.
 
     Each token is then built from local features (slopes and peaks of a series, edges and strokes
     of an image) of its patch and the neighbours the window reaches, not from raw values.
+    ``circular``: the window wraps around the ends (a periodic domain) instead of reading zeros.
     """
     if stem_channels <= 0:
         return None
     return nn.Sequential(
-        conv(in_channels, stem_channels, kernel, padding=kernel // 2),
+        conv(
+            in_channels,
+            stem_channels,
+            kernel,
+            padding=kernel // 2,
+            padding_mode="circular" if circular else "zeros",
+        ),
         nn.GELU(),
     )
 
@@ -440,6 +452,7 @@ class SequenceEmbedder(Embedder):
         kernel_dilations: list[int] | None = None,
         kernel_channel_mixes: int = 1,
         kernel_summary: bool = False,
+        circular: bool = False,
     ) -> None:
         check_runs(patch_size, pool_steps)
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
@@ -456,8 +469,13 @@ class SequenceEmbedder(Embedder):
         self.length = int(length)
         self.pad = n_tokens * patch_size - self.length
         self.stem_channels = int(stem_channels)
+        self.circular = bool(circular) and self.stem_channels > 0
         self.stem = local_stem(
-            nn.Conv1d, int(channels), self.stem_channels, stem_kernel(patch_size)
+            nn.Conv1d,
+            int(channels),
+            self.stem_channels,
+            stem_kernel(patch_size),
+            circular=self.circular,
         )
         proj_in = int(channels) if self.stem is None else self.stem_channels
         self.pool_steps = int(pool_steps)
@@ -530,6 +548,8 @@ class SequenceEmbedder(Embedder):
         config = {**super().config(), "stem_channels": self.stem_channels}
         if self.pool_steps > 1:  # absent in bundles written before long patches were averaged
             config["pool_steps"] = self.pool_steps
+        if self.circular:  # absent when off, so bundles with a zero-padded stem rebuild unchanged
+            config["circular"] = True
         if self.bank is not None:  # absent when off, so bundles without a bank rebuild unchanged
             config["kernel_dilations"] = list(self.bank.dilations)
             if self.bank.channel_mixes > 1:  # absent in bundles from before channel mixes
@@ -636,8 +656,12 @@ def create_embedder(
     stem_channels: int = 0,
     kernel_bank: bool = False,
     kernel_summary: bool = False,
+    circular: bool = False,
 ) -> Embedder:
-    """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``."""
+    """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``.
+
+    ``circular``: a series' conv stem wraps around its ends (periodic domains; series only).
+    """
     sample_shape = tuple(int(s) for s in sample_shape)
     _check_shape(input_kind, sample_shape)
     cap = _token_cap(backbone, token_budget)
@@ -658,6 +682,7 @@ def create_embedder(
                 sample_shape[0], len(dilations), positions
             ),
             kernel_summary=kernel_bank and kernel_summary,
+            circular=circular,
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -710,6 +735,7 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
             kernel_dilations=dilations or None,
             kernel_channel_mixes=int(config.get("kernel_channel_mixes", 1)),
             kernel_summary=bool(config.get("kernel_summary", False)),
+            circular=bool(config.get("circular", False)),
         )
     if kind == "image2d":
         return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)

@@ -78,6 +78,7 @@ def build_model(
     layer_mix: bool = False,
     kernel_summary: bool = False,
     local_skip: bool = False,
+    circular: bool = False,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -93,6 +94,7 @@ def build_model(
         stem_channels=stem_channels,
         kernel_bank=kernel_bank,
         kernel_summary=kernel_summary and task_type in POOLED_TASKS,
+        circular=circular,
     )
     head = create_head(
         task_type,

@@ -60,6 +60,7 @@ from orca_engine.specs import (
     ResolvedSpec,
     check_backbone_location,
     parse_spec,
+    periodic_domain,
     resolve_spec,
 )
 
@@ -128,6 +129,26 @@ def _apply_overrides(rspec: ResolvedSpec, overrides: Mapping[str, Any] | None) -
         raise SpecError(f"cannot override unknown resolved values {unknown}", param=unknown[0])
     reasons = {**values["reasons"], **{key: "set by the caller" for key in overrides}}
     return ResolvedSpec.from_dict({**values, **overrides, "reasons": reasons})
+
+
+def _decide_stem_wrap(
+    rspec: ResolvedSpec, dataset: Dataset, overrides: Mapping[str, Any] | None
+) -> ResolvedSpec:
+    """A dense series task's stem wraps around its ends when the training data is periodic.
+
+    Read from the data here (not in :func:`resolve_spec`, which sees only the dataset's info);
+    a caller's override stands.
+    """
+    dense_series = rspec.task_type.startswith("dense_") and dataset.info.input_kind == "seq1d"
+    if "embedder_circular" in (overrides or {}) or not dense_series or not rspec.embedder_stem:
+        return rspec
+    periodic, reason = periodic_domain(dataset.x_train, dataset.y_train)
+    return rspec.model_copy(
+        update={
+            "embedder_circular": periodic,
+            "reasons": {**rspec.reasons, "embedder_circular": reason},
+        }
+    )
 
 
 def _announce_choices(rspec: ResolvedSpec, callbacks: Callbacks) -> None:
@@ -274,6 +295,7 @@ def _prepare(
             resolve_spec(job_spec, dataset.info, device=device.type), resolved_overrides
         )
         # Decided once, here: the choice lands in prepare.json, so a resumed job never re-decides.
+        fresh_spec = _decide_stem_wrap(fresh_spec, dataset, resolved_overrides)
         analysis = None
         if not {"backbone", "source"} & set(resolved_overrides or {}):
             fresh_spec, analysis = _choose_backbone_and_source(
@@ -316,6 +338,7 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         layer_mix=rspec.head_layer_mix,
         kernel_summary=rspec.head_kernel_summary,
         local_skip=rspec.head_local_skip,
+        circular=rspec.embedder_circular,
     )
 
 

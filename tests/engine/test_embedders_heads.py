@@ -18,6 +18,7 @@ from orca_engine.embedders import (
     KERNEL_BANK_QUANTILES,
     SEQUENCE_MAX_PATCH_POSITIONS,
     KernelBank,
+    SequenceEmbedder,
     create_embedder,
     embedder_from_config,
     kernel_bank_channel_mixes,
@@ -478,3 +479,32 @@ def test_a_dense_local_skip_reads_the_stem_at_every_position_beside_the_body() -
     model.train()
     model(x).square().sum().backward()
     assert head.skip.weight.grad is not None and head.skip.weight.grad.any()
+
+
+def test_a_circular_stem_wraps_around_the_ends_and_round_trips() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    wrap = create_embedder(
+        "seq1d", (2, 64), backbone, token_budget=8, stem_channels=8, circular=True
+    )
+    assert isinstance(wrap, SequenceEmbedder) and wrap.stem is not None
+    x = torch.randn(3, 2, 64)
+    # on a ring every position is inside: shifting the series shifts the stem's output exactly
+    torch.testing.assert_close(wrap.stem(torch.roll(x, 5, -1)), torch.roll(wrap.stem(x), 5, -1))
+    zeros = create_embedder("seq1d", (2, 64), backbone, token_budget=8, stem_channels=8)
+    assert isinstance(zeros, SequenceEmbedder) and zeros.stem is not None
+    zeros.load_state_dict(wrap.state_dict())
+    # the same weights read the same inside the series and differ only where the window
+    # reaches past an end
+    half = zeros.stem[0].kernel_size[0] // 2
+    inner = slice(half, 64 - half)
+    outer = torch.cat([torch.arange(half), torch.arange(64 - half, 64)])
+    torch.testing.assert_close(zeros.stem(x)[..., inner], wrap.stem(x)[..., inner])
+    assert not torch.allclose(zeros.stem(x)[..., outer], wrap.stem(x)[..., outer])
+    # the bundle says so only when on; a rebuilt embedder wraps again
+    assert wrap.config()["circular"] is True and "circular" not in zeros.config()
+    rebuilt = embedder_from_config(json.loads(json.dumps(wrap.config())))
+    rebuilt.load_state_dict(wrap.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), wrap.eval()(x))
+    # no stem, nothing to wrap
+    plain = create_embedder("seq1d", (2, 64), backbone, token_budget=8, circular=True)
+    assert "circular" not in plain.config()

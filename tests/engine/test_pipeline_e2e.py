@@ -22,9 +22,16 @@ from safetensors.torch import load_file
 from orca_engine.data import load_dataset
 from orca_engine.errors import JobCancelled, SpecError
 from orca_engine.metrics import compute_metrics
-from orca_engine.pipeline import JobResult, overall_progress, run_job
+from orca_engine.pipeline import (
+    JobResult,
+    _apply_overrides,
+    _decide_stem_wrap,
+    overall_progress,
+    run_job,
+)
 from orca_engine.predict import load_model
 from orca_engine.progress import Callbacks
+from orca_engine.specs import JobSpec, ResolvedSpec, resolve_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -344,16 +351,51 @@ def test_minilm_job_fits_the_time_budget(minilm_job: tuple[JobResult, Recorder, 
     assert seconds < 420
 
 
+def _ring_fields(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random smooth fields on a ring of 32 points and a local map of them (wrapping around)."""
+    grid = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+    modes = np.arange(1, 4)[:, None]
+    weights = rng.normal(size=(n, 1, 3, 2)) / modes**2
+    x = weights[..., 0] @ np.cos(modes * grid) + weights[..., 1] @ np.sin(modes * grid)
+    y = (0.5 * x + 0.25 * (np.roll(x, 1, -1) + np.roll(x, -1, -1))) ** 2
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def test_the_job_reads_a_periodic_domain_from_the_data_unless_told(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    ring_x, ring_y = _ring_fields(rng, 24)
+    walk = rng.normal(size=(24, 1, 32)).cumsum(-1).astype(np.float32)
+    ring = _resolved_dense(tmp_path, ring_x, ring_y)
+    assert ring.embedder_circular is True
+    # inputs that jump across the seam: zeros past the ends, and the reason names the numbers
+    walked = _resolved_dense(tmp_path, walk, ring_y)
+    assert walked.embedder_circular is False
+    assert "not a periodic domain" in walked.reasons["embedder_circular"]
+    # a caller's choice stands either way
+    told = _resolved_dense(tmp_path, ring_x, ring_y, {"embedder_circular": False})
+    assert told.embedder_circular is False
+    assert told.reasons["embedder_circular"] == "set by the caller"
+
+
+def _resolved_dense(
+    tmp_path: Path, x: np.ndarray, y: np.ndarray, overrides: dict[str, Any] | None = None
+) -> ResolvedSpec:
+    path = tmp_path / "ring.npz"
+    np.savez(path, x_train=x, y_train=y)
+    dataset = load_dataset(path, seed=0)
+    rspec = _apply_overrides(resolve_spec(JobSpec(dataset_id="ring"), dataset.info), overrides)
+    return _decide_stem_wrap(rspec, dataset, overrides)
+
+
 def test_a_dense_series_job_reads_the_stem_at_every_position_and_reloads(
     tmp_path: Path,
 ) -> None:
-    # a local map: each output point is a weighted mean of its input's neighbourhood, squared
+    # a local map on a ring: each output point is a weighted mean of its input's neighbourhood
+    # (wrapping around), squared
     rng = np.random.default_rng(0)
 
     def fields(n: int) -> tuple[np.ndarray, np.ndarray]:
-        x = rng.normal(size=(n, 1, 32)).cumsum(-1).astype(np.float32)
-        y = (0.5 * x + 0.25 * (np.roll(x, 1, -1) + np.roll(x, -1, -1))) ** 2
-        return x, y.astype(np.float32)
+        return _ring_fields(rng, n)
 
     x_train, y_train = fields(48)
     x_test, y_test = fields(12)
@@ -371,6 +413,9 @@ def test_a_dense_series_job_reads_the_stem_at_every_position_and_reloads(
     assert result.resolved_spec["task_type"] == "dense_regression"
     assert result.resolved_spec["head_local_skip"] is True
     assert "each output position" in result.resolved_spec["reasons"]["head_local_skip"]
+    # periodic inputs and targets: the stem wraps around, and the bundle rebuilds it so
+    assert result.resolved_spec["embedder_circular"] is True
+    assert "a periodic domain" in result.resolved_spec["reasons"]["embedder_circular"]
     weights = _weights(result.bundle_dir)
     skip = weights["head.skip.weight"]
     assert skip.shape == (1, result.resolved_spec["embedder_stem"], 1) and skip.abs().sum() > 0
@@ -378,6 +423,7 @@ def test_a_dense_series_job_reads_the_stem_at_every_position_and_reloads(
     assert (
         predictor.config["model"]["head"]["skip_features"] == result.resolved_spec["embedder_stem"]
     )
+    assert predictor.config["model"]["embedder"]["circular"] is True
     outputs = np.asarray(predictor.predict(x_test).predictions)
     assert outputs.shape == y_test.shape
     metrics = compute_metrics("dense_regression", y_test, outputs)

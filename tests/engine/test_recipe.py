@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -30,11 +31,14 @@ from orca_engine.specs import (
     EMA_HORIZON_STEPS,
     LAYERNORM_BELOW_ROWS,
     RETIRED_FIELDS,
+    SEAM_SAMPLE_ROWS,
     JobSpec,
     ResolvedSpec,
     augmentation_applies,
     ema_decay_for,
+    periodic_domain,
     resolve_spec,
+    seam_ratios,
 )
 from tests.engine.test_refine_checkpoint import make_dataset, make_model, make_rspec
 from tests.engine.test_specs import REGRESSION, _info
@@ -209,6 +213,10 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     assert "only dense series" in series.reasons["head_local_skip"]
     dense_image = resolve_spec(JobSpec(dataset_id="d"), dense)
     assert not (series.head_local_skip or table.head_local_skip or dense_image.head_local_skip)
+    # whether the stem wraps around is read from the data when the job starts (dense series)
+    assert "from the training data" in dense_resolved.reasons["embedder_circular"]
+    assert "only dense series" in series.reasons["embedder_circular"]
+    assert not (dense_resolved.embedder_circular or series.embedder_circular)
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
@@ -443,3 +451,40 @@ def test_mixup_changes_training_but_stays_reproducible() -> None:
     mixed, again, plain = run(0.4), run(0.4), run(0.0)
     assert all(torch.equal(mixed[k], again[k]) for k in mixed)
     assert any(not torch.equal(mixed[k], plain[k]) for k in mixed)
+
+
+def test_the_seam_check_tells_a_periodic_domain_from_walls_and_gaps() -> None:
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    phases = rng.uniform(0, 2 * np.pi, size=(40, 2, 1))
+    # a periodic domain sampled without its repeated end point: the seam is like any step
+    ring = np.sin(grid + phases) + 0.3 * np.cos(3 * grid + 2 * phases)
+    step, bend = seam_ratios(ring)
+    assert 0.5 < step < 1.5 and 0.5 < bend < 1.5
+    assert periodic_domain(ring, ring**2)[0] is True
+    assert "a periodic domain" in periodic_domain(ring, ring**2)[1]
+    # the same shape on a wall-bounded interval (pinned to zero at both ends): it runs on in
+    # value across the seam but bends sharply there, as Darcy's pressure does
+    x = (np.arange(64) + 0.5) / 64
+    pinned = x * (1 - x) * rng.uniform(1, 2, size=(40, 1, 1))
+    assert seam_ratios(pinned)[0] < 2 and seam_ratios(pinned)[1] > 10
+    periodic, reason = periodic_domain(ring, pinned)
+    assert periodic is False and "not a periodic domain" in reason and "targets" in reason
+    # a random walk jumps across the seam
+    walk = rng.normal(size=(40, 1, 64)).cumsum(-1)
+    assert seam_ratios(walk)[0] > 2 and periodic_domain(walk, ring)[0] is False
+    # unreadable seams are never called periodic: missing values, too few positions
+    gappy = ring.copy()
+    gappy[0, 0, -5:] = np.nan
+    assert seam_ratios(gappy) == (math.inf, math.inf)
+    assert periodic_domain(gappy, ring)[0] is False
+    assert seam_ratios(ring[..., :3]) == (math.inf, math.inf)
+    # (N, L) targets (one label per position) read as one channel; flat rows are continuous
+    assert seam_ratios(ring[:, 0]) == seam_ratios(ring[:, :1])
+    assert seam_ratios(np.ones((5, 16))) == (1.0, 1.0)
+    # per channel: a walk on a small scale beside a ring on a large one still counts
+    mixed = np.concatenate([100 * ring[:, :1], 0.01 * walk], axis=1)
+    assert seam_ratios(mixed)[0] == pytest.approx(seam_ratios(walk)[0])
+    # reads evenly spaced rows, at most SEAM_SAMPLE_ROWS of them
+    many = np.repeat(ring, 60, axis=0)
+    assert len(many) > SEAM_SAMPLE_ROWS and periodic_domain(many, many)[0] is True
