@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -220,8 +221,6 @@ def run(
     keep_bundles: Path | None = None,
 ) -> None:
     """Run every variant on every dataset and seed; ``keep_bundles``: copy each model there."""
-    import shutil
-
     import torch
 
     from orca_engine.pipeline import run_job

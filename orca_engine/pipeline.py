@@ -59,6 +59,7 @@ from orca_engine.specs import (
     JobSpec,
     ResolvedSpec,
     check_backbone_location,
+    dense_series_stem,
     parse_spec,
     periodic_domain,
     resolve_spec,
@@ -139,8 +140,8 @@ def _decide_stem_wrap(
     Read from the data here (not in :func:`resolve_spec`, which sees only the dataset's info);
     a caller's override stands.
     """
-    dense_series = rspec.task_type.startswith("dense_") and dataset.info.input_kind == "seq1d"
-    if "embedder_circular" in (overrides or {}) or not dense_series or not rspec.embedder_stem:
+    applies = dense_series_stem(rspec.task_type, dataset.info.input_kind, rspec.embedder_stem)
+    if "embedder_circular" in (overrides or {}) or not applies:
         return rspec
     periodic, reason = periodic_domain(dataset.x_train, dataset.y_train)
     return rspec.model_copy(

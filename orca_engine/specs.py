@@ -415,6 +415,13 @@ def augmentation_applies(input_kind: str, task_type: str) -> bool:
     return input_kind in AUGMENTABLE_KINDS and not task_type.startswith("dense_")
 
 
+def dense_series_stem(task_type: str, input_kind: str, embedder_stem: int) -> bool:
+    """A dense task on series with a conv stem: where the head reads the stem at every position
+    (``head_local_skip``) and the stem may wrap around a periodic domain (``embedder_circular``).
+    """
+    return task_type.startswith("dense_") and input_kind == "seq1d" and embedder_stem > 0
+
+
 def ema_decay_for(total_steps: int) -> float:
     """Weight-average decay whose horizon ``1 / (1 - decay)`` is ~10% of the run's steps."""
     low, high = EMA_HORIZON_STEPS
@@ -719,7 +726,7 @@ def resolve_spec(
         else "no kernel bank to summarise"
     )
     dense_series = task_type.startswith("dense_") and info.input_kind == "seq1d"
-    head_local_skip = dense_series and embedder_stem > 0
+    head_local_skip = dense_series_stem(task_type, info.input_kind, embedder_stem)
     reasons["head_local_skip"] = (
         "each output position also reads the conv stem's features at that position through a "
         "Linear of its own (starting at zero) beside the per-token decoder (measured in "
@@ -731,7 +738,7 @@ def resolve_spec(
     )
     reasons["embedder_circular"] = (
         "decided from the training data when the job starts (a periodic domain wraps around)"
-        if dense_series and embedder_stem > 0
+        if head_local_skip
         else "no conv stem to wrap"
         if dense_series
         else "only dense series tasks are checked for a periodic domain"
