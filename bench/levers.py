@@ -198,6 +198,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "local-skip": ({}, {"head_local_skip": True}),
     # session 20: the series stem wraps around the ends (periodic fields) instead of zero padding
     "circular": ({}, {"embedder_circular": True}),
+    # session 21: dense fields, a deeper series stem (residual layers dilated 2, then 4)
+    "stem2": ({}, {"embedder_stem_layers": 2}),
+    "stem3": ({}, {"embedder_stem_layers": 3}),
     "auto-nostop": ({"finetune": {"early_stopping_patience": 0}}, {}),
 }
 

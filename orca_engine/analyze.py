@@ -46,10 +46,13 @@ from orca_engine.distances import SourceData, squared_distances
 from orca_engine.errors import BackboneUnavailable, EngineError, JobCancelled, SpecError
 from orca_engine.progress import Callbacks
 from orca_engine.specs import (
+    DENSE_STEM_LAYERS,
     EMBEDDER_LR,
     backbone_family,
+    dense_series_stem,
     embedder_recipe,
     kernel_bank_applies,
+    periodic_domain,
 )
 
 logger = logging.getLogger(__name__)
@@ -317,6 +320,8 @@ def analyze_transferability(
     token_budget: int | None = None,
     stem_channels: int | None = None,
     kernel_bank: bool | None = None,
+    stem_layers: int | None = None,
+    circular: bool | None = None,
     allow_random_init: bool = False,
     progress_stage: str = "analyze",
 ) -> AnalysisResult:
@@ -326,9 +331,10 @@ def analyze_transferability(
     only the backbone and the proxy differ. A candidate that cannot run here (backbone not
     installed, proxy of the wrong family, bad proxy file) is reported as skipped with the reason;
     cancellation (``callbacks.cancelled()``) stops the whole analysis. A job passes its own
-    ``token_budget``, ``stem_channels`` and ``kernel_bank`` so the embedders measured are the one
-    it will train;
-    left out, each is what an ``auto`` job would resolve for the candidate's backbone family.
+    ``token_budget``, ``stem_channels``, ``kernel_bank``, ``stem_layers`` and ``circular`` so the
+    embedders measured are the one it will train; left out, each is what an ``auto`` job would
+    resolve for the candidate's backbone family (the wrap read from the training data as a job
+    reads it).
     """
     from orca_engine.align import align_embedder, alignment_labels
     from orca_engine.backbones import create_backbone
@@ -354,6 +360,16 @@ def analyze_transferability(
     labels = alignment_labels(
         info.task_type, np.asarray(dataset.y_train[rows]), x_sample, seed=seed
     )
+
+    periodic: list[bool] = []  # read from the data once, when a candidate first needs it
+
+    def stem_shape(stem: int) -> tuple[int, bool]:
+        """A job's stem depth and wrap for ``stem`` channels, unless the caller gave them."""
+        dense = dense_series_stem(info.task_type, info.input_kind, stem)
+        if circular is None and dense and not periodic:
+            periodic.append(periodic_domain(dataset.x_train, dataset.y_train)[0])
+        layers = (DENSE_STEM_LAYERS if dense else 1) if stem_layers is None else stem_layers
+        return layers, (dense and periodic[0]) if circular is None else circular
 
     results: list[CandidateResult] = []
     backbones: dict[str, Any] = {}
@@ -392,6 +408,8 @@ def analyze_transferability(
                 family=backbone.family,
                 device_kind=device_kind,
             )
+            stem = auto_stem if stem_channels is None else stem_channels
+            layers, wrap = stem_shape(stem)
             seed_everything(seed)  # the same fresh embedder for every proxy of this backbone
             model = build_model(
                 info=info,
@@ -399,7 +417,9 @@ def analyze_transferability(
                 out_dim=info.out_dim,
                 backbone=backbone,
                 token_budget=auto_budget if token_budget is None else token_budget,
-                stem_channels=auto_stem if stem_channels is None else stem_channels,
+                stem_channels=stem,
+                stem_layers=layers,
+                circular=wrap,
                 kernel_bank=kernel_bank_applies(
                     info.input_kind, info.task_type, family=backbone.family
                 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,23 @@ def stem_kernel(patch_size: int, *, largest: int = SEQUENCE_STEM_MAX_KERNEL) -> 
     return min(max(3, 2 * patch_size + 1), largest)
 
 
+class StemLayer(nn.Module):
+    """``h + GELU(conv(h))``: a further same-size stem layer, its window dilated to reach further.
+
+    The convolution starts at zero, so a stem with more layers starts as the one-layer stem does.
+    """
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        self.conv = conv
+        nn.init.zeros_(self.conv.weight)
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + F.gelu(self.conv(h))
+
+
 def local_stem(
     conv: type[nn.Conv1d] | type[nn.Conv2d],
     in_channels: int,
@@ -62,25 +79,39 @@ def local_stem(
     kernel: int,
     *,
     circular: bool = False,
+    layers: int = 1,
 ) -> nn.Sequential | None:
     """Same-size ``conv`` + GELU in front of a patch projection; None when ``stem_channels`` is 0.
 
     Each token is then built from local features (slopes and peaks of a series, edges and strokes
     of an image) of its patch and the neighbours the window reaches, not from raw values.
     ``circular``: the window wraps around the ends (a periodic domain) instead of reading zeros.
+    ``layers`` > 1 (series): :class:`StemLayer` s follow, layer ``i`` dilated ``2 ** (i - 1)``.
     """
     if stem_channels <= 0:
         return None
-    return nn.Sequential(
-        conv(
-            in_channels,
-            stem_channels,
-            kernel,
-            padding=kernel // 2,
-            padding_mode="circular" if circular else "zeros",
-        ),
+    if layers > 1 and conv is not nn.Conv1d:
+        raise ValueError("only a series stem takes more than one layer")
+    padding_mode: Literal["circular", "zeros"] = "circular" if circular else "zeros"
+    modules: list[nn.Module] = [
+        conv(in_channels, stem_channels, kernel, padding=kernel // 2, padding_mode=padding_mode),
         nn.GELU(),
-    )
+    ]
+    for layer in range(1, layers):
+        dilation = 2**layer
+        modules.append(
+            StemLayer(
+                nn.Conv1d(
+                    stem_channels,
+                    stem_channels,
+                    kernel,
+                    padding=dilation * (kernel // 2),
+                    dilation=dilation,
+                    padding_mode=padding_mode,
+                )
+            )
+        )
+    return nn.Sequential(*modules)
 
 
 #: the fixed kernel bank's thresholds: these quantiles of each filter's response on training data
@@ -453,6 +484,7 @@ class SequenceEmbedder(Embedder):
         kernel_channel_mixes: int = 1,
         kernel_summary: bool = False,
         circular: bool = False,
+        stem_layers: int = 1,
     ) -> None:
         check_runs(patch_size, pool_steps)
         channels, length = (1, sample_shape[0]) if len(sample_shape) == 1 else sample_shape
@@ -470,12 +502,14 @@ class SequenceEmbedder(Embedder):
         self.pad = n_tokens * patch_size - self.length
         self.stem_channels = int(stem_channels)
         self.circular = bool(circular) and self.stem_channels > 0
+        self.stem_layers = max(1, int(stem_layers)) if self.stem_channels > 0 else 1
         self.stem = local_stem(
             nn.Conv1d,
             int(channels),
             self.stem_channels,
             stem_kernel(patch_size),
             circular=self.circular,
+            layers=self.stem_layers,
         )
         proj_in = int(channels) if self.stem is None else self.stem_channels
         self.pool_steps = int(pool_steps)
@@ -550,6 +584,8 @@ class SequenceEmbedder(Embedder):
             config["pool_steps"] = self.pool_steps
         if self.circular:  # absent when off, so bundles with a zero-padded stem rebuild unchanged
             config["circular"] = True
+        if self.stem_layers > 1:  # absent for one layer, so older bundles rebuild unchanged
+            config["stem_layers"] = self.stem_layers
         if self.bank is not None:  # absent when off, so bundles without a bank rebuild unchanged
             config["kernel_dilations"] = list(self.bank.dilations)
             if self.bank.channel_mixes > 1:  # absent in bundles from before channel mixes
@@ -657,10 +693,12 @@ def create_embedder(
     kernel_bank: bool = False,
     kernel_summary: bool = False,
     circular: bool = False,
+    stem_layers: int = 1,
 ) -> Embedder:
     """Choose patching for ``input_kind`` so at most ``token_budget`` tokens reach ``backbone``.
 
     ``circular``: a series' conv stem wraps around its ends (periodic domains; series only).
+    ``stem_layers``: the series stem's depth (:func:`local_stem`; series only).
     """
     sample_shape = tuple(int(s) for s in sample_shape)
     _check_shape(input_kind, sample_shape)
@@ -683,6 +721,7 @@ def create_embedder(
             ),
             kernel_summary=kernel_bank and kernel_summary,
             circular=circular,
+            stem_layers=stem_layers,
         )
     if input_kind == "image2d":
         _, height, image_width = sample_shape
@@ -736,6 +775,7 @@ def embedder_from_config(config: dict[str, Any], backbone: Backbone | None = Non
             kernel_channel_mixes=int(config.get("kernel_channel_mixes", 1)),
             kernel_summary=bool(config.get("kernel_summary", False)),
             circular=bool(config.get("circular", False)),
+            stem_layers=int(config.get("stem_layers", 1)),
         )
     if kind == "image2d":
         return ImageEmbedder(shape, width, patch, backbone, stem_channels=stem)

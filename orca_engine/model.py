@@ -79,6 +79,7 @@ def build_model(
     kernel_summary: bool = False,
     local_skip: bool = False,
     circular: bool = False,
+    stem_layers: int = 1,
 ) -> OrcaModel:
     """A fresh model for a dataset (any object with ``input_kind``, ``sample_shape``, ``label_shape``).
 
@@ -95,6 +96,7 @@ def build_model(
         kernel_bank=kernel_bank,
         kernel_summary=kernel_summary and task_type in POOLED_TASKS,
         circular=circular,
+        stem_layers=stem_layers,
     )
     head = create_head(
         task_type,

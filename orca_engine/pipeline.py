@@ -217,6 +217,8 @@ def _choose_backbone_and_source(
             token_budget=rspec.token_budget,
             stem_channels=rspec.embedder_stem,
             kernel_bank=rspec.embedder_kernel_bank,
+            stem_layers=rspec.embedder_stem_layers,
+            circular=rspec.embedder_circular,
             allow_random_init=rspec.allow_random_init,
             progress_stage="prepare",
         )
@@ -340,6 +342,7 @@ def _build_model(rspec: ResolvedSpec, info: DatasetInfo) -> OrcaModel:
         kernel_summary=rspec.head_kernel_summary,
         local_skip=rspec.head_local_skip,
         circular=rspec.embedder_circular,
+        stem_layers=rspec.embedder_stem_layers,
     )
 
 

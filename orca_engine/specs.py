@@ -21,6 +21,9 @@ Defaults aim at a CPU job on a small dataset finishing in minutes:
   whole series through a Linear of its own (starting at zero), beside the body's tokens;
 * ``head_local_skip``: dense series tasks also read the conv stem's output at every position
   through a Linear of their own (starting at zero), beside the per-token decoder;
+* ``embedder_stem_layers``: dense series tasks get a three-layer conv stem (the second and third
+  layers residual, dilated 2 and 4), so each position's local features reach about seven half
+  windows each way; other stems have one layer;
 * ``embedder_circular``: a dense series task whose inputs and targets both run on across the
   seam from the last position to the first (a periodic domain, checked on the training data when
   the job starts) has a conv stem that wraps around the ends instead of reading zeros;
@@ -331,6 +334,8 @@ class ResolvedSpec(BaseModel):
     head_local_skip: bool = False
     #: series: the embedder's conv stem wraps around the ends (periodic domain), not zero-padded
     embedder_circular: bool = False
+    #: series: layers of the conv stem (after the first, each a residual one dilated twice as far)
+    embedder_stem_layers: Annotated[int, Field(ge=1, le=4)] = 1
     #: point tasks: the head reads every token side by side, not their mean
     head_flat: bool = False
     #: with head_flat: the head reads a learned mix of every body layer, not the last alone
@@ -415,9 +420,14 @@ def augmentation_applies(input_kind: str, task_type: str) -> bool:
     return input_kind in AUGMENTABLE_KINDS and not task_type.startswith("dense_")
 
 
+#: conv stem layers for dense series tasks (docs/QUALITY.md, session 21); other stems have one
+DENSE_STEM_LAYERS = 3
+
+
 def dense_series_stem(task_type: str, input_kind: str, embedder_stem: int) -> bool:
     """A dense task on series with a conv stem: where the head reads the stem at every position
-    (``head_local_skip``) and the stem may wrap around a periodic domain (``embedder_circular``).
+    (``head_local_skip``), the stem is deeper (``embedder_stem_layers``) and may wrap around a
+    periodic domain (``embedder_circular``).
     """
     return task_type.startswith("dense_") and input_kind == "seq1d" and embedder_stem > 0
 
@@ -736,6 +746,15 @@ def resolve_spec(
         if dense_series
         else "only dense series tasks read the stem at every position"
     )
+    embedder_stem_layers = DENSE_STEM_LAYERS if head_local_skip else 1
+    reasons["embedder_stem_layers"] = (
+        f"{DENSE_STEM_LAYERS} stem layers, the later ones residual and dilated 2 and 4, so each "
+        "position's local features reach further along the series (measured in docs/QUALITY.md)"
+        if head_local_skip
+        else "no conv stem to deepen"
+        if dense_series
+        else "one stem layer: only dense series tasks get a deeper stem"
+    )
     reasons["embedder_circular"] = (
         "decided from the training data when the job starts (a periodic domain wraps around)"
         if head_local_skip
@@ -850,6 +869,7 @@ def resolve_spec(
             embedder_kernel_bank=kernel_bank,
             head_kernel_summary=head_kernel_summary,
             head_local_skip=head_local_skip,
+            embedder_stem_layers=embedder_stem_layers,
             selection_start=selection_start,
             token_budget=token_budget,
             seed=spec.seed,

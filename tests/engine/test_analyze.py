@@ -24,6 +24,7 @@ from orca_engine.analyze import (
     RANDOM_INIT_BACKBONES,
     AnalysisResult,
     Candidate,
+    CandidateResult,
     analyze_transferability,
     available_backbones,
     choose_backbone_and_source,
@@ -333,19 +334,28 @@ def test_a_resumed_auto_job_keeps_its_first_choice(
     assert not any(data and data.get("param") == "backbone_source" for _, _, data in second.events)
 
 
-def _distance_before(dataset_path: Path, cache: Path, **embedder: int) -> float:
-    """One short tiny-bert + English-text analysis; the starting distance of its embedder."""
+def _best(
+    dataset_path: Path, cache: Path, align_epochs: int = 1, **embedder: Any
+) -> CandidateResult:
+    """One short tiny-bert + English-text analysis; what it measured for its one candidate."""
     result = analyze_transferability(
         load_dataset(dataset_path),
         [Candidate("tiny-bert", "english-text")],
         sample_size=32,
-        align_epochs=1,
+        align_epochs=align_epochs,
         proxy_cache_dir=cache,
         allow_random_init=True,
         **embedder,
     )
     assert result.best is not None and result.best.before is not None
-    return result.best.before
+    return result.best
+
+
+def _distance_before(dataset_path: Path, cache: Path, **embedder: int) -> float:
+    """The starting distance of the embedder a short analysis measures."""
+    before = _best(dataset_path, cache, **embedder).before
+    assert before is not None
+    return before
 
 
 def test_the_analysis_measures_the_embedder_a_job_would_train(
@@ -373,3 +383,32 @@ def test_a_standalone_analysis_measures_the_embedder_an_auto_job_would_train(
     generic = _distance_before(target, tmp_path, token_budget=64, stem_channels=0)
     assert standalone == pytest.approx(as_a_job)
     assert standalone != pytest.approx(generic)
+
+
+def _ring_distances(dataset_path: Path, cache: Path, **embedder: Any) -> tuple[float, float]:
+    """Distances before and after a short alignment of the embedder the analysis builds."""
+    best = _best(dataset_path, cache, align_epochs=2, **embedder)
+    assert best.before is not None and best.after is not None
+    return best.before, best.after
+
+
+def test_a_standalone_analysis_of_a_periodic_field_measures_the_deep_wrapped_stem(
+    tmp_path: Path,
+) -> None:
+    # A dense series task on a ring: an auto job trains a three-layer stem that wraps around;
+    # the analysis endpoint, given neither, measures that embedder and not the one-layer one.
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    phases = rng.uniform(0, 2 * np.pi, (40, 1))
+    x = np.sin(grid + phases)[:, None, :] + 0.5 * np.cos(2 * grid + 2 * phases)[:, None, :]
+    path = tmp_path / "ring.npz"
+    np.savez(path, x_train=x.astype(np.float32), y_train=(x[:, 0] ** 2).astype(np.float32))
+    cache = tmp_path / "proxies"
+    standalone = _ring_distances(path, cache)
+    as_a_job = _ring_distances(path, cache, stem_layers=3, circular=True)
+    assert standalone == pytest.approx(as_a_job)
+    # the wrap changes where the embedder starts; the later layers, where alignment takes it
+    zero_padded = _ring_distances(path, cache, stem_layers=3, circular=False)
+    shallow = _ring_distances(path, cache, stem_layers=1, circular=True)
+    assert standalone[0] != pytest.approx(zero_padded[0])
+    assert standalone[1] != pytest.approx(shallow[1])

@@ -19,11 +19,13 @@ from orca_engine.embedders import (
     SEQUENCE_MAX_PATCH_POSITIONS,
     KernelBank,
     SequenceEmbedder,
+    StemLayer,
     create_embedder,
     embedder_from_config,
     kernel_bank_channel_mixes,
     kernel_bank_dilations,
     kernel_bank_filters,
+    local_stem,
 )
 from orca_engine.errors import SpecError
 from orca_engine.model import OrcaModel, build_model, model_from_config, set_trainable
@@ -508,3 +510,42 @@ def test_a_circular_stem_wraps_around_the_ends_and_round_trips() -> None:
     # no stem, nothing to wrap
     plain = create_embedder("seq1d", (2, 64), backbone, token_budget=8, circular=True)
     assert "circular" not in plain.config()
+
+
+def test_a_deeper_stem_starts_as_one_layer_reaches_further_and_round_trips() -> None:
+    backbone = create_backbone("tiny-bert", allow_random_init=True)
+    one = create_embedder("seq1d", (2, 160), backbone, token_budget=8, stem_channels=8)
+    deep = create_embedder(
+        "seq1d", (2, 160), backbone, token_budget=8, stem_channels=8, stem_layers=3
+    )
+    assert isinstance(one, SequenceEmbedder) and one.stem is not None
+    assert isinstance(deep, SequenceEmbedder) and deep.stem is not None
+    kernel = one.stem[0].kernel_size[0]
+    layers = [m for m in deep.stem if isinstance(m, StemLayer)]
+    assert [m.conv.dilation[0] for m in layers] == [2, 4]
+    assert all(m.conv.kernel_size[0] == kernel for m in layers)
+    # the added layers start at zero: with the first layer's weights, the same features
+    deep.stem[0].load_state_dict(one.stem[0].state_dict())
+    x = torch.randn(3, 2, 160)
+    torch.testing.assert_close(deep.stem(x), one.stem(x))
+    # once trained (here: random weights), a change at one position reaches as far as the
+    # windows add up: half a window for one layer, 1 + 2 + 4 half windows for three
+    for module in layers:
+        torch.nn.init.normal_(module.conv.weight, std=0.1)
+    half = kernel // 2
+    bumped = x.clone()
+    bumped[..., 80] += 1.0
+    for stem, reach in ((one.stem, half), (deep.stem, 7 * half)):
+        moved = (stem(bumped) - stem(x)).abs().amax(dim=(0, 1)) > 0
+        assert moved.nonzero().min() == 80 - reach
+        assert moved.nonzero().max() == 80 + reach
+    # the bundle names the depth only above one layer; a rebuilt embedder has it again
+    assert deep.config()["stem_layers"] == 3 and "stem_layers" not in one.config()
+    rebuilt = embedder_from_config(json.loads(json.dumps(deep.config())))
+    rebuilt.load_state_dict(deep.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), deep.eval()(x))
+    # without a stem there is nothing to deepen; an image stem stays one layer
+    plain = create_embedder("seq1d", (2, 160), backbone, token_budget=8, stem_layers=3)
+    assert "stem_layers" not in plain.config()
+    with pytest.raises(ValueError, match="series stem"):
+        local_stem(torch.nn.Conv2d, 1, 8, 3, layers=2)

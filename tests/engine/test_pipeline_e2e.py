@@ -424,6 +424,10 @@ def test_a_dense_series_job_reads_the_stem_at_every_position_and_reloads(
         predictor.config["model"]["head"]["skip_features"] == result.resolved_spec["embedder_stem"]
     )
     assert predictor.config["model"]["embedder"]["circular"] is True
+    # a three-layer stem whose later layers trained away from their zero start
+    assert result.resolved_spec["embedder_stem_layers"] == 3
+    assert predictor.config["model"]["embedder"]["stem_layers"] == 3
+    assert weights["embedder.stem.3.conv.weight"].abs().sum() > 0
     outputs = np.asarray(predictor.predict(x_test).predictions)
     assert outputs.shape == y_test.shape
     metrics = compute_metrics("dense_regression", y_test, outputs)

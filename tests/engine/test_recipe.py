@@ -217,6 +217,12 @@ def test_auto_recipe_resolves_to_the_documented_values() -> None:
     assert "from the training data" in dense_resolved.reasons["embedder_circular"]
     assert "only dense series" in series.reasons["embedder_circular"]
     assert not (dense_resolved.embedder_circular or series.embedder_circular)
+    # dense series get a three-layer stem; every other stem keeps one layer
+    assert dense_resolved.embedder_stem_layers == 3
+    assert "dilated 2 and 4" in dense_resolved.reasons["embedder_stem_layers"]
+    assert (series.embedder_stem_layers, image.embedder_stem_layers) == (1, 1)
+    assert dense_image.embedder_stem_layers == 1 and table.embedder_stem_layers == 1
+    assert "only dense series" in series.reasons["embedder_stem_layers"]
     assert (table.token_budget, table.embedder_stem) == (64, 0)
     regression = resolve_spec(JobSpec(dataset_id="d"), _info(**REGRESSION))
     assert regression.label_smoothing == 0.0
