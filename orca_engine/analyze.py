@@ -29,6 +29,7 @@ with ``backbone: auto`` / ``alignment.source: auto`` makes; the pipeline records
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -46,13 +47,13 @@ from orca_engine.distances import SourceData, squared_distances
 from orca_engine.errors import BackboneUnavailable, EngineError, JobCancelled, SpecError
 from orca_engine.progress import Callbacks
 from orca_engine.specs import (
-    DENSE_STEM_LAYERS,
     EMBEDDER_LR,
     backbone_family,
     dense_series_stem,
     embedder_recipe,
     kernel_bank_applies,
     periodic_domain,
+    stem_layers_for,
 )
 
 logger = logging.getLogger(__name__)
@@ -361,15 +362,20 @@ def analyze_transferability(
         info.task_type, np.asarray(dataset.y_train[rows]), x_sample, seed=seed
     )
 
-    periodic: list[bool] = []  # read from the data once, when a candidate first needs it
+    @functools.cache
+    def periodic() -> bool:  # read from the data once, when a candidate first needs it
+        return periodic_domain(dataset.x_train, dataset.y_train)[0]
 
     def stem_shape(stem: int) -> tuple[int, bool]:
         """A job's stem depth and wrap for ``stem`` channels, unless the caller gave them."""
-        dense = dense_series_stem(info.task_type, info.input_kind, stem)
-        if circular is None and dense and not periodic:
-            periodic.append(periodic_domain(dataset.x_train, dataset.y_train)[0])
-        layers = (DENSE_STEM_LAYERS if dense else 1) if stem_layers is None else stem_layers
-        return layers, (dense and periodic[0]) if circular is None else circular
+        layers = (
+            stem_layers_for(info.task_type, info.input_kind, stem)
+            if stem_layers is None
+            else stem_layers
+        )
+        if circular is not None:
+            return layers, circular
+        return layers, dense_series_stem(info.task_type, info.input_kind, stem) and periodic()
 
     results: list[CandidateResult] = []
     backbones: dict[str, Any] = {}

@@ -432,6 +432,12 @@ def dense_series_stem(task_type: str, input_kind: str, embedder_stem: int) -> bo
     return task_type.startswith("dense_") and input_kind == "seq1d" and embedder_stem > 0
 
 
+def stem_layers_for(task_type: str, input_kind: str, embedder_stem: int) -> int:
+    """The conv stem's depth an ``auto`` job gets: :data:`DENSE_STEM_LAYERS` for a dense series
+    task with a stem, one layer otherwise."""
+    return DENSE_STEM_LAYERS if dense_series_stem(task_type, input_kind, embedder_stem) else 1
+
+
 def ema_decay_for(total_steps: int) -> float:
     """Weight-average decay whose horizon ``1 / (1 - decay)`` is ~10% of the run's steps."""
     low, high = EMA_HORIZON_STEPS
@@ -746,7 +752,7 @@ def resolve_spec(
         if dense_series
         else "only dense series tasks read the stem at every position"
     )
-    embedder_stem_layers = DENSE_STEM_LAYERS if head_local_skip else 1
+    embedder_stem_layers = stem_layers_for(task_type, info.input_kind, embedder_stem)
     reasons["embedder_stem_layers"] = (
         f"{DENSE_STEM_LAYERS} stem layers, the later ones residual and dilated 2 and 4, so each "
         "position's local features reach further along the series (measured in docs/QUALITY.md)"

@@ -347,7 +347,7 @@ def _best(
         allow_random_init=True,
         **embedder,
     )
-    assert result.best is not None and result.best.before is not None
+    assert result.best is not None
     return result.best
 
 
