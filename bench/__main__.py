@@ -6,8 +6,9 @@
     python -m bench --device cuda           # on a GPU
 
 Suites: ``quality`` (bench.quality: ORCA vs baselines and peers), ``speed`` (bench.speed: each
-cost vs its baseline), ``load`` (bench.load_predict: prediction and upload load) and ``align``
-(bench.align_speed: the alignment step in detail). Each writes its own section of
+cost vs its baseline), ``load`` (bench.load_predict: prediction and upload load), ``align``
+(bench.align_speed: the alignment step in detail) and ``epochs`` (bench.epoch_cost: what a refinement
+epoch spends beyond its training steps). Each writes its own section of
 docs/BENCHMARKS.md and leaves the others alone, so a subset refreshes only its sections. A suite
 that fails is reported and the rest still run; the exit status says whether all succeeded.
 """
@@ -25,12 +26,13 @@ from collections.abc import Callable, Sequence
 
 logger = logging.getLogger("bench")
 
-SUITES = ("quality", "speed", "load", "align")
+SUITES = ("quality", "speed", "load", "align", "epochs")
 MODULES = {
     "quality": "bench.quality",
     "speed": "bench.speed",
     "load": "bench.load_predict",
     "align": "bench.align_speed",
+    "epochs": "bench.epoch_cost",
 }
 #: suites whose command line takes ``--device``
 TAKES_DEVICE = {"quality", "speed", "align"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from orca_engine import checkpoint
+from orca_engine import refine as refine_module
 from orca_engine.backbones import create_backbone
 from orca_engine.checkpoint import load_weights, save_bundle, save_weights
 from orca_engine.data import Dataset, DatasetInfo, LabelMap, Normaliser
@@ -22,7 +24,7 @@ from orca_engine.errors import DataError, JobCancelled, OutOfMemory
 from orca_engine.model import OrcaModel, build_model
 from orca_engine.predict import Predictor, load_model
 from orca_engine.progress import Callbacks
-from orca_engine.refine import lr_at, refine
+from orca_engine.refine import build_optimizer, lr_at, refine
 from orca_engine.specs import ResolvedSpec
 
 LENGTH = 24
@@ -222,7 +224,8 @@ def test_refine_resumed_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path
 
     interrupted = make_model(dataset)
     with pytest.raises(JobCancelled):
-        # Killed in the middle of epoch 3: epochs 1-2 are on disk, epoch 3 is lost.
+        # Killed in the middle of epoch 3: epoch 1 is on disk (2 as well if writing was cheap
+        # next to it), epoch 3 is lost.
         refine(
             interrupted, dataset, rspec, device="cpu", callbacks=CancelAfter(7), state_dir=tmp_path
         )
@@ -236,6 +239,74 @@ def test_refine_resumed_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path
         assert torch.equal(tensor, resumed.best_state[name]), name
     assert resumed.best_epoch == expected.best_epoch
     assert [h["val"] for h in resumed.history] == [h["val"] for h in expected.history]
+
+
+def test_the_optimizer_groups_rates_and_decay_and_runs_fused_on_the_cpu() -> None:
+    dataset = make_dataset()
+    model = make_model(dataset)
+    optimizer = build_optimizer(model, make_rspec(lr=1e-4))
+    assert optimizer.defaults["fused"] is True  # one kernel per step, not a loop over tensors
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        backbone = group_names[0].startswith("backbone.")
+        assert all(n.startswith("backbone.") == backbone for n in group_names), group_names
+        assert group["lr"] == group["base_lr"] == (1e-4 if backbone else 1e-3)
+        decayed = group["weight_decay"] > 0
+        assert all(
+            (p.ndim >= 2 and "norm" not in n.lower()) == decayed
+            for n, p in zip(group_names, group["params"], strict=True)
+        ), group_names
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in model.parameters()}
+    # One step of the fused kernel moves the weights as the per-tensor loop does, to rounding.
+    looped_model = make_model(dataset)
+    looped_model.load_state_dict(model.state_dict())
+    looped = torch.optim.AdamW(
+        [
+            {
+                **g,
+                "params": [
+                    dict(looped_model.named_parameters())[names[id(p)]] for p in g["params"]
+                ],
+            }
+            for g in optimizer.param_groups
+        ],
+        lr=1e-4,
+    )
+    x = torch.from_numpy(dataset.x_train[:8])
+    for net, opt in ((model, optimizer), (looped_model, looped)):
+        net.train()
+        torch.manual_seed(0)
+        net(x).sum().backward()
+        opt.step()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, looped_model.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_slow_resume_write_waits_until_training_has_taken_twenty_times_as_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = make_dataset(n_train=48, n_val=24)
+    rspec = make_rspec(finetune_epochs=6, early_stopping_patience=0)
+    written: list[int] = []
+    real_save = refine_module.save_stage
+
+    def slow_save(path: Path, state: dict[str, Any]) -> None:
+        time.sleep(0.5)  # a slow disk: the next write waits for 10 s of training
+        real_save(path, state)
+        written.append(int(state["epoch"]))
+
+    monkeypatch.setattr(refine_module, "save_stage", slow_save)
+    straight = refine(make_model(dataset), dataset, rspec, device="cpu", state_dir=tmp_path)
+    # The tiny epochs take milliseconds: only the first and the last epoch are written.
+    assert written == [1, 6]
+    # The last write says the run is over: a rerun trains nothing and hands back its result.
+    rerun = refine(make_model(dataset, seed=9), dataset, rspec, device="cpu", state_dir=tmp_path)
+    assert written == [1, 6]
+    assert rerun.history == straight.history and rerun.best_epoch == straight.best_epoch
+    for name, tensor in straight.best_state.items():
+        assert torch.equal(tensor, rerun.best_state[name]), name
 
 
 # --- checkpoint + predict ----------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""Refinement epoch cost: what a job's epoch spends beyond its training steps, before and after.
+
+Two costs of refinement's loop were measured in session 22 (docs/QUALITY.md): writing the
+resume file (the model, the optimizer's state and the best weights: ~370 MB for MiniLM) after
+every epoch, and AdamW updating its tensors one by one. The same job runs once per
+configuration per repeat, in one process, the order rotating:
+
+* ``before``: a write after every epoch (``STATE_WRITE_COST_RATIO = 0``) and the per-tensor
+  AdamW (``FUSED_ADAMW = False``), refinement as it was before session 22;
+* ``cheap writes``: a write only once the training since the last one took the engine's ratio
+  times that write, per-tensor AdamW;
+* ``engine``: cheap writes and the fused AdamW, what a job runs now.
+
+Each job is the suite's dataset, seed 0, every field ``auto`` except one model, a fixed number
+of epochs and no early stopping. Timed: from the end of refinement's first epoch to the end of
+its last, per epoch (every epoch but the first, with the writes of the epochs before it). The
+validation metric is reported for each: the writes change nothing, so ``before`` and ``cheap
+writes`` must agree exactly; the fused update rounds differently and may move it a little.
+
+Run: ``python -m bench.epoch_cost [--datasets burgers GunPoint] [--epochs 12] [--repeats 3]
+[--quick]``;
+writes the section "Refinement epoch cost" of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.sections import BENCHMARKS_MD, bench_command, machine_line, replace_section
+
+TITLE = "Refinement epoch cost"
+#: name -> (write after every epoch, fused AdamW)
+CONFIGS = {
+    "before": (True, False),
+    "cheap writes": (False, False),
+    "engine": (False, True),
+}
+
+
+def _one_run(name: str, epochs: int, config: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    from bench.datasets import dataset_path
+    from bench.levers import CACHE
+    from orca_engine import refine as refine_module
+    from orca_engine.pipeline import run_job
+    from orca_engine.progress import Callbacks
+
+    torch.set_num_threads(threads)
+    epoch_ends: list[float] = []
+    writes: list[int] = []
+    real_save = refine_module.save_stage
+
+    class EpochClock(Callbacks):
+        def event(self, message: str, *, kind: str = "log", data: Any = None) -> None:
+            if kind == "metric" and data and data.get("stage") == "refine" and "epoch" in data:
+                epoch_ends.append(time.monotonic())
+
+    def counted_save(path: Path, state: dict[str, Any]) -> None:
+        real_save(path, state)
+        writes.append(int(state["epoch"]))
+
+    every_epoch, fused = CONFIGS[config]
+    defaults = refine_module.STATE_WRITE_COST_RATIO, refine_module.FUSED_ADAMW
+    if every_epoch:
+        refine_module.STATE_WRITE_COST_RATIO = 0.0
+    refine_module.FUSED_ADAMW = fused
+    refine_module.save_stage = counted_save  # type: ignore[assignment]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_job(
+                {"dataset_id": name, "seed": 0},
+                dataset_path(name, CACHE),
+                Path(tmp) / "work",
+                bundle_dir=Path(tmp) / "bundle",
+                callbacks=EpochClock(),
+                device="cpu",
+                proxy_cache_dir=CACHE / "proxies",
+                resolved_overrides={
+                    "finetune_epochs": epochs,
+                    "ensemble_members": 1,
+                    "early_stopping_patience": 0,
+                },
+            )
+    finally:
+        refine_module.STATE_WRITE_COST_RATIO, refine_module.FUSED_ADAMW = defaults
+        refine_module.save_stage = real_save  # type: ignore[assignment]
+    # An epoch's metric event comes before its write: from the first event to the last, every
+    # epoch but the first is timed, with the writes of the epochs before it.
+    metric = str(result.resolved_spec.get("metric"))
+    return {
+        "per_epoch": (epoch_ends[-1] - epoch_ends[0]) / (len(epoch_ends) - 1),
+        "writes": len(writes),
+        "val": (result.metrics.get("val") or {}).get(metric),
+        "metric": metric,
+    }
+
+
+def run(datasets: Sequence[str], epochs: int, repeats: int, threads: int) -> list[dict[str, Any]]:
+    names = list(CONFIGS)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name in datasets:
+        runs[name] = {config: [] for config in names}
+        for repeat in range(repeats):
+            shift = repeat % len(names)
+            for config in names[shift:] + names[:shift]:
+                measured = _one_run(name, epochs, config, threads)
+                runs[name][config].append(measured)
+                print(name, config, measured, flush=True)
+    return summarise(runs, epochs)
+
+
+def summarise(
+    runs: dict[str, dict[str, list[dict[str, Any]]]], epochs: int
+) -> list[dict[str, Any]]:
+    """One row per dataset and configuration from ``runs[dataset][config]`` (repeats in order)."""
+    rows = []
+    for name, by_config in runs.items():
+        for config, measured in by_config.items():
+            rows.append(
+                {
+                    "dataset": name,
+                    "config": config,
+                    "epochs": epochs,
+                    "per_epoch": statistics.median(r["per_epoch"] for r in measured),
+                    "vs_before": statistics.median(
+                        r["per_epoch"] / b["per_epoch"]
+                        for r, b in zip(measured, by_config["before"], strict=True)
+                    ),
+                    "writes": statistics.median(r["writes"] for r in measured),
+                    "val": sorted({r["val"] for r in measured}),
+                    "metric": measured[0]["metric"],
+                }
+            )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| dataset | configuration | s/epoch | time vs before | resume writes | validation |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        values = ", ".join(f"{v:.6g}" for v in row["val"])
+        lines.append(
+            f"| {row['dataset']} | {row['config']} | {row['per_epoch']:.3f} | "
+            f"{row['vs_before']:.2f}x | {row['writes']:g} of {row['epochs']} | "
+            f"{row['metric']} {values} |"
+        )
+    return "\n".join(lines)
+
+
+def section(body_table: str, command: str, epochs: int, repeats: int, threads: int) -> str:
+    """The BENCHMARKS.md section around ``body_table``."""
+    from orca_engine.refine import STATE_WRITE_COST_RATIO
+
+    body = f"""What refinement's epoch spends beyond its training steps. `before`: the resume file
+(`refine_state.pt`: the model, the optimizer's state and the best epoch's weights) written after
+every epoch and AdamW updating its tensors one by one, as before session 22; `cheap writes`: the
+file written only once the training since the last write took {STATE_WRITE_COST_RATIO:g} times
+what that write took (and always after the first and the last epoch); `engine`: those writes and
+a fused AdamW (one kernel per step), what a job runs now. Each row: the suite's dataset, seed 0,
+every field `auto` except one model, {epochs} epochs without early stopping;
+{threads} torch threads; the three in one process, {repeats} repeats, order rotating;
+seconds per epoch from the end of the first epoch to the end of the last (median), "time vs
+before" the median of each repeat's ratio. Validation: the values the runs ended with — the
+writes change nothing (`before` and `cheap writes` agree exactly); the fused update is the same
+arithmetic rounded differently.
+
+{body_table}
+
+{machine_line(command, device="cpu")}
+"""
+    return body
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["burgers", "GunPoint"])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--quick", action="store_true", help="8 epochs, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.repeats = 8, 2
+    rows = run(args.datasets, args.epochs, args.repeats, args.threads)
+    body_table = table(rows)
+    print(body_table)
+    command = bench_command(
+        "bench.epoch_cost",
+        [
+            "--datasets",
+            *args.datasets,
+            "--epochs",
+            str(args.epochs),
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+        ],
+    )
+    body = section(body_table, command, args.epochs, args.repeats, args.threads)
+    if not args.no_write:
+        replace_section(BENCHMARKS_MD, TITLE, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
