@@ -269,11 +269,14 @@ def test_the_optimizer_groups_rates_and_decay_and_runs_fused_on_the_cpu() -> Non
                 "params": [
                     dict(looped_model.named_parameters())[names[id(p)]] for p in g["params"]
                 ],
+                "fused": None,  # each group carries the options it was built with
+                "foreach": False,
             }
             for g in optimizer.param_groups
         ],
         lr=1e-4,
     )
+    assert not any(group["fused"] for group in looped.param_groups)
     x = torch.from_numpy(dataset.x_train[:8])
     for net, opt in ((model, optimizer), (looped_model, looped)):
         net.train()
