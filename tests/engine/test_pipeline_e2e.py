@@ -121,7 +121,12 @@ def test_a_killed_job_resumes_to_the_same_weights_and_metrics(
         callbacks=recorder,
         resolved_overrides=overrides,
     )
-    assert any("resumes after epoch 2/3" in message for _, message in recorder.events)
+    # Epoch 1 is always on disk; epoch 2 only if writing was cheap next to training it
+    # (refine.STATE_WRITE_COST_RATIO), which depends on this machine's disk and load.
+    assert any(
+        "resumes after epoch 1/3" in message or "resumes after epoch 2/3" in message
+        for _, message in recorder.events
+    ), recorder.events
     assert resumed.metrics == straight.metrics
     assert resumed.resolved_spec == straight.resolved_spec
     expected, got = _weights(straight.bundle_dir), _weights(resumed.bundle_dir)
