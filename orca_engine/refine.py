@@ -513,9 +513,9 @@ def refine(
             total=total_steps,
             metrics={"train_loss": train_loss, f"val_{metric}": score},
         )
+        # A run's first epoch is due too: nothing was written yet (last_write_end is -inf).
         due = (
-            epoch == start_epoch
-            or stopped_early
+            stopped_early
             or epoch + 1 == epochs
             or time.monotonic() - last_write_end >= STATE_WRITE_COST_RATIO * last_write_seconds
         )
