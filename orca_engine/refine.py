@@ -10,6 +10,7 @@ split is never looked at here.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
@@ -42,7 +43,9 @@ from orca_engine.progress import Callbacks
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "refine_state.pt"
-STATE_FORMAT_VERSION = 1
+#: 2: the resume file holds only the tensors refinement can change (trained parameters and
+#: buffers) plus a SHA-256 of the frozen ones; 1 (still read): the whole model
+STATE_FORMAT_VERSION = 2
 #: the cosine schedule ends at this fraction of the base learning rate, not at zero
 LR_FLOOR_RATIO = 0.01
 #: learning-rate multiplier for the randomly initialised embedder and head in full fine-tuning
@@ -55,7 +58,8 @@ PROGRESS_REPORTS = 100
 #: validation metric sits flat for many epochs while the model is still learning (ArrowHead,
 #: 36 series: stopped at epoch 14 of 100 with the training loss still at chance)
 MIN_EPOCHS_FRACTION = 0.5
-#: the resume state (model, optimizer, best weights: ~370 MB for MiniLM) is written after an
+#: the resume state (model, optimizer, best weights: ~370 MB for MiniLM trained in full, ~16 MB
+#: in ``layernorm`` mode, see :data:`SLIM_STATE`) is written after an
 #: epoch only once the time since the last write is this many times what that write took, so
 #: writing costs at most ~1/20 of the run (every epoch, it was a fifth of a 2-core CPU epoch on
 #: a 280-row field); the first and the last epoch of a run are always written. A killed run
@@ -66,6 +70,11 @@ STATE_WRITE_COST_RATIO = 20.0
 #: (docs/BENCHMARKS.md, "Refinement epoch cost"); the same arithmetic, rounded differently
 FUSED_ADAMW = True
 FUSED_DEVICES = ("cpu", "cuda")
+#: frozen weights (in ``layernorm`` mode all of the backbone but its LayerNorms: 90 of MiniLM's
+#: 94 MB) are snapshotted once per run and kept out of the resume file and of the per-epoch
+#: best-weights copy; a resume checks them against the fingerprint instead. False writes and
+#: copies the whole model every time, as before session 23 (kept for bench.epoch_cost)
+SLIM_STATE = True
 
 REGRESSION_TASKS = ("regression", "dense_regression")
 
@@ -80,6 +89,30 @@ class RefineResult:
     #: weights of the best epoch, on the CPU
     best_state: dict[str, torch.Tensor] = field(repr=False)
     stopped_early: bool
+
+
+def _frozen_names(model: nn.Module) -> list[str]:
+    """State-dict entries refinement cannot change: parameters that do not train.
+
+    Buffers count as changeable (a kernel bank's statistics, normalisation running stats).
+    """
+    trainable = {
+        name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
+    }
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    return [name for name in model.state_dict() if name not in trainable and name not in buffers]
+
+
+def _fingerprint(state: dict[str, torch.Tensor], names: list[str]) -> str:
+    """SHA-256 over the named tensors' names, dtypes, shapes and bytes (~60 ms for MiniLM's
+    90 MB here): tells whether a rebuilt model's frozen weights are, bit for bit, the ones a
+    resume file was trained beside, whatever the thread count."""
+    digest = hashlib.sha256()
+    for name in names:
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -377,6 +410,24 @@ def refine(
 
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     fingerprint = rspec.to_dict() if hasattr(rspec, "to_dict") else None
+    # Frozen weights never move in this run: one CPU snapshot serves every best-weights copy,
+    # and the resume file holds a fingerprint of them instead of the tensors.
+    frozen_names = _frozen_names(model) if SLIM_STATE else []
+    live = evaluated.state_dict()
+    frozen = cpu_copy({name: live[name] for name in frozen_names})
+    frozen_check = (
+        _fingerprint(frozen, frozen_names) if state_path is not None and frozen_names else ""
+    )
+
+    def best_copy() -> dict[str, torch.Tensor]:
+        return {
+            name: frozen[name] if name in frozen else tensor.detach().to("cpu", copy=True)
+            for name, tensor in evaluated.state_dict().items()
+        }
+
+    def changing(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: tensor for name, tensor in state.items() if name not in frozen}
+
     history: list[dict[str, Any]] = []
     best_epoch, best_score, best_val = -1, None, {}
     best_loss: float | None = None
@@ -389,12 +440,25 @@ def refine(
     if saved is not None and saved.get("spec") != fingerprint:
         logger.warning("ignoring %s: it was written for a different spec", state_path)
         saved = None
+    if (
+        saved is not None
+        and saved.get("format_version", 1) >= 2
+        and (saved.get("frozen_names") != frozen_names or saved.get("frozen_check") != frozen_check)
+    ):
+        # The rebuilt model's frozen weights are not the ones that run trained beside (a backbone
+        # changed on disk): its trained tensors would not fit them, so refinement starts over.
+        logger.warning(
+            "ignoring %s: the model's frozen weights changed since it was written", state_path
+        )
+        saved = None
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        # Format 1 holds every tensor; format 2 the changing ones, the frozen ones come from here.
+        model.load_state_dict({**frozen, **saved["model"]})
         optimizer.load_state_dict(saved["optimizer"])
         restore_rng_state(saved["rng"], generator)
         history, best_epoch, best_val = saved["history"], saved["best_epoch"], saved["best_val"]
-        best_score, best_state = saved["best_score"], saved["best_state"]
+        best_score = saved["best_score"]
+        best_state = {**frozen, **saved["best_state"]} if saved["best_state"] else {}
         best_loss = saved.get("best_loss")
         epochs_since_best, stopped_early = saved["epochs_since_best"], saved["stopped_early"]
         start_epoch = saved["epoch"]
@@ -489,7 +553,7 @@ def refine(
         if eligible and _is_better(score, val_loss, best_score, best_loss, higher=higher):
             best_epoch, best_score, best_val = epoch + 1, score, val_metrics
             best_loss = val_loss
-            best_state = cpu_copy(evaluated.state_dict())
+            best_state = best_copy()
             epochs_since_best = 0
         elif eligible:
             epochs_since_best += 1
@@ -527,7 +591,9 @@ def refine(
                     "format_version": STATE_FORMAT_VERSION,
                     "spec": fingerprint,
                     "epoch": epoch + 1,
-                    "model": model.state_dict(),
+                    "model": changing(model.state_dict()),
+                    "frozen_names": frozen_names,
+                    "frozen_check": frozen_check,
                     "optimizer": optimizer.state_dict(),
                     "rng": rng_state(generator),
                     "history": history,
@@ -535,7 +601,7 @@ def refine(
                     "best_score": best_score,
                     "best_loss": best_loss,
                     "best_val": best_val,
-                    "best_state": best_state,
+                    "best_state": changing(best_state),
                     "epochs_since_best": epochs_since_best,
                     "stopped_early": stopped_early,
                     "average": average.state() if average is not None else None,

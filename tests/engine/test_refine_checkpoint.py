@@ -241,6 +241,95 @@ def test_refine_resumed_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path
     assert [h["val"] for h in resumed.history] == [h["val"] for h in expected.history]
 
 
+def _killed_in_epoch_3(dataset: Dataset, rspec: ResolvedSpec, state_dir: Path) -> None:
+    with pytest.raises(JobCancelled):
+        refine(
+            make_model(dataset),
+            dataset,
+            rspec,
+            device="cpu",
+            callbacks=CancelAfter(7),
+            state_dir=state_dir,
+        )
+
+
+def _assert_same_run(model: nn.Module, result: Any, straight: nn.Module, expected: Any) -> None:
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert result.best_state.keys() == expected.best_state.keys()
+    for name, tensor in expected.best_state.items():
+        assert torch.equal(tensor, result.best_state[name]), name
+    assert result.best_epoch == expected.best_epoch
+    assert [h["val"] for h in result.history] == [h["val"] for h in expected.history]
+
+
+def test_a_layernorm_resume_file_leaves_the_frozen_weights_out_and_resumes_the_same(
+    tmp_path: Path,
+) -> None:
+    dataset = make_dataset(n_train=48, n_val=24)
+    rspec = make_rspec(finetune_mode="layernorm", finetune_epochs=4)
+    straight = make_model(dataset)
+    expected = refine(straight, dataset, rspec, device="cpu")
+
+    _killed_in_epoch_3(dataset, rspec, tmp_path)
+    saved = torch.load(tmp_path / "refine_state.pt", weights_only=True)
+    trains = {name for name, p in straight.named_parameters() if p.requires_grad}
+    frozen = {name for name, p in straight.named_parameters() if not p.requires_grad}
+    assert frozen and all(name.startswith("backbone.") for name in frozen)
+    assert set(saved["frozen_names"]) == frozen
+    assert trains <= set(saved["model"]) and not frozen & set(saved["model"])
+    assert not frozen & set(saved["best_state"])
+    # The pipeline rebuilds the same frozen weights (seeded build, the aligned embedder): the
+    # resumed run supplies them and ends exactly where the uninterrupted one did.
+    resumed_model = make_model(dataset)
+    resumed = refine(resumed_model, dataset, rspec, device="cpu", state_dir=tmp_path)
+    _assert_same_run(resumed_model, resumed, straight, expected)
+
+
+def test_a_resume_onto_other_frozen_weights_starts_refinement_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = make_dataset(n_train=48, n_val=24)
+    rspec = make_rspec(finetune_mode="layernorm", finetune_epochs=4)
+    _killed_in_epoch_3(dataset, rspec, tmp_path)
+    # A backbone that changed on disk between the kill and the resume: its frozen weights are
+    # not the ones the saved LayerNorms and head were trained beside, so nothing is resumed.
+    other = make_model(dataset, seed=123)
+    straight_other = make_model(dataset, seed=123)
+    expected = refine(straight_other, dataset, rspec, device="cpu")
+    events: list[str] = []
+
+    class Recorder(Callbacks):
+        def event(self, message: str, *, kind: str = "log", data: Any = None) -> None:
+            events.append(message)
+
+    with caplog.at_level("WARNING", logger="orca_engine.refine"):
+        result = refine(
+            other, dataset, rspec, device="cpu", callbacks=Recorder(), state_dir=tmp_path
+        )
+    assert "frozen weights changed" in caplog.text
+    assert not any("resumes after" in message for message in events)
+    _assert_same_run(other, result, straight_other, expected)
+
+
+def test_a_whole_model_resume_file_of_the_earlier_format_still_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = make_dataset(n_train=48, n_val=24)
+    rspec = make_rspec(finetune_mode="layernorm", finetune_epochs=4)
+    straight = make_model(dataset)
+    expected = refine(straight, dataset, rspec, device="cpu")
+    with monkeypatch.context() as patched:  # a job killed under the engine before format 2
+        patched.setattr(refine_module, "SLIM_STATE", False)
+        patched.setattr(refine_module, "STATE_FORMAT_VERSION", 1)
+        _killed_in_epoch_3(dataset, rspec, tmp_path)
+    saved = torch.load(tmp_path / "refine_state.pt", weights_only=True)
+    assert saved["format_version"] == 1 and set(saved["model"]) == set(straight.state_dict())
+    resumed_model = make_model(dataset)
+    resumed = refine(resumed_model, dataset, rspec, device="cpu", state_dir=tmp_path)
+    _assert_same_run(resumed_model, resumed, straight, expected)
+
+
 def test_the_optimizer_groups_rates_and_decay_and_runs_fused_on_the_cpu() -> None:
     dataset = make_dataset()
     model = make_model(dataset)
