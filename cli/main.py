@@ -263,6 +263,31 @@ def worker(
     os.execve(command[0], command, env)
 
 
+#: prctl(2) option: the signal a child gets when the process that started it dies (Linux)
+PR_SET_PDEATHSIG = 1
+
+
+def _ended_with(parent: int) -> Any:
+    """A ``preexec_fn`` that makes the child get SIGTERM when ``parent`` dies, however it dies.
+
+    ``orca serve`` stops its API and worker itself on Ctrl-C or SIGTERM, but a SIGKILL (an OOM
+    kill, ``kill -9``) gives it no chance: without this the two children, in sessions of their
+    own, would keep the port and the queue. Linux only; elsewhere a no-op.
+    """
+
+    def set_up() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return set_up
+
+
 def _wait_until_live(url: str, process: subprocess.Popen[bytes], timeout_seconds: float) -> bool:
     import httpx
 
@@ -327,6 +352,7 @@ def serve(
         ),
         env=env,
         start_new_session=True,
+        preexec_fn=_ended_with(os.getpid()),
     )
     api_process = subprocess.Popen(
         [
@@ -343,6 +369,7 @@ def serve(
         ],
         env=env,
         start_new_session=True,
+        preexec_fn=_ended_with(os.getpid()),
     )
     children = [api_process, worker_process]
     stopping = False

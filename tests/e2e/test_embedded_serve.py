@@ -131,3 +131,22 @@ def test_orca_serve_shows_the_same_key_again(tmp_path: Path) -> None:
         for _ in range(2)
     ]
     assert keys[0] == keys[1] and keys[0].startswith("orca_")
+
+
+def test_a_killed_orca_serve_takes_its_api_and_worker_with_it(
+    embedded_server: tuple[ServiceProcess, str, Path],
+) -> None:
+    """SIGKILL (an OOM kill, ``kill -9``) leaves `serve` no time to stop its children itself."""
+    server, url, data_dir = embedded_server
+    wait_for_http(f"{url}/livez", server, timeout=180)
+    children = [pid for pid in pids_with_data_dir(data_dir) if pid != server.process.pid]
+    assert len(children) >= 2, children  # the API and the worker (and the worker's pool)
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(timeout=30)
+    wait_for(
+        lambda: not pids_with_data_dir(data_dir),
+        timeout=60,
+        what=f"the API and the worker to exit after their parent was killed\n{server.tail()}",
+    )
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/livez", timeout=2)
