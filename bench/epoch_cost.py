@@ -1,21 +1,24 @@
 """Refinement epoch cost: what a job's epoch spends beyond its training steps, before and after.
 
-Two costs of refinement's loop were measured in session 22 (docs/QUALITY.md): writing the
+Three costs of refinement's loop were measured (docs/QUALITY.md, sessions 22 and 23): writing the
 resume file (the model, the optimizer's state and the best weights: ~370 MB for MiniLM) after
-every epoch, and AdamW updating its tensors one by one. The same job runs once per
-configuration per repeat, in one process, the order rotating:
+every epoch, AdamW updating its tensors one by one, and copying (and writing) the frozen part of
+the model, which in ``layernorm`` mode is all of the backbone but its LayerNorms. The same job
+runs once per configuration per repeat, in one process, the order rotating:
 
-* ``before``: a write after every epoch (``STATE_WRITE_COST_RATIO = 0``) and the per-tensor
-  AdamW (``FUSED_ADAMW = False``), refinement as it was before session 22;
-* ``cheap writes``: a write only once the training since the last one took the engine's ratio
-  times that write, per-tensor AdamW;
-* ``engine``: cheap writes and the fused AdamW, what a job runs now.
+* ``before``: a write after every epoch (``STATE_WRITE_COST_RATIO = 0``), the per-tensor AdamW
+  (``FUSED_ADAMW = False``) and the whole model in every write and best-weights copy
+  (``SLIM_STATE = False``): refinement as it was before session 22;
+* ``session 22``: a write only once the training since the last one took the engine's ratio
+  times that write, the fused AdamW, still the whole model;
+* ``engine``: the same with the frozen weights snapshotted once and kept out of the file and the
+  copies, what a job runs now.
 
 Each job is the suite's dataset, seed 0, every field ``auto`` except one model, a fixed number
 of epochs and no early stopping. Timed: from the end of refinement's first epoch to the end of
 its last, per epoch (every epoch but the first, with the writes of the epochs before it). The
-validation metric is reported for each: the writes change nothing, so ``before`` and ``cheap
-writes`` must agree exactly; the fused update rounds differently and may move it a little.
+validation metric is reported for each: the writes and copies change nothing; the fused update
+rounds differently from the per-tensor one and may move it a little.
 
 Run: ``python -m bench.epoch_cost [--datasets burgers GunPoint] [--epochs 12] [--repeats 3]
 [--quick]``;
@@ -35,11 +38,11 @@ from typing import Any
 from bench.sections import BENCHMARKS_MD, bench_command, machine_line, replace_section
 
 TITLE = "Refinement epoch cost"
-#: name -> (write after every epoch, fused AdamW)
+#: name -> (write after every epoch, fused AdamW, frozen weights out of the state)
 CONFIGS = {
-    "before": (True, False),
-    "cheap writes": (False, False),
-    "engine": (False, True),
+    "before": (True, False, False),
+    "session 22": (False, True, False),
+    "engine": (False, True, True),
 }
 
 
@@ -55,6 +58,7 @@ def _one_run(name: str, epochs: int, config: str, threads: int) -> dict[str, Any
     torch.set_num_threads(threads)
     epoch_ends: list[float] = []
     writes: list[int] = []
+    sizes: list[int] = []
     real_save = refine_module.save_stage
 
     class EpochClock(Callbacks):
@@ -65,12 +69,18 @@ def _one_run(name: str, epochs: int, config: str, threads: int) -> dict[str, Any
     def counted_save(path: Path, state: dict[str, Any]) -> None:
         real_save(path, state)
         writes.append(int(state["epoch"]))
+        sizes.append(Path(path).stat().st_size)
 
-    every_epoch, fused = CONFIGS[config]
-    defaults = refine_module.STATE_WRITE_COST_RATIO, refine_module.FUSED_ADAMW
+    every_epoch, fused, slim = CONFIGS[config]
+    defaults = (
+        refine_module.STATE_WRITE_COST_RATIO,
+        refine_module.FUSED_ADAMW,
+        refine_module.SLIM_STATE,
+    )
     if every_epoch:
         refine_module.STATE_WRITE_COST_RATIO = 0.0
     refine_module.FUSED_ADAMW = fused
+    refine_module.SLIM_STATE = slim
     refine_module.save_stage = counted_save  # type: ignore[assignment]
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +99,11 @@ def _one_run(name: str, epochs: int, config: str, threads: int) -> dict[str, Any
                 },
             )
     finally:
-        refine_module.STATE_WRITE_COST_RATIO, refine_module.FUSED_ADAMW = defaults
+        (
+            refine_module.STATE_WRITE_COST_RATIO,
+            refine_module.FUSED_ADAMW,
+            refine_module.SLIM_STATE,
+        ) = defaults
         refine_module.save_stage = real_save  # type: ignore[assignment]
     # An epoch's metric event comes before its write: from the first event to the last, every
     # epoch but the first is timed, with the writes of the epochs before it.
@@ -97,6 +111,7 @@ def _one_run(name: str, epochs: int, config: str, threads: int) -> dict[str, Any
     return {
         "per_epoch": (epoch_ends[-1] - epoch_ends[0]) / (len(epoch_ends) - 1),
         "writes": len(writes),
+        "file_mb": max(sizes) / 1e6,
         "val": (result.metrics.get("val") or {}).get(metric),
         "metric": metric,
     }
@@ -134,6 +149,7 @@ def summarise(
                         for r, b in zip(measured, by_config["before"], strict=True)
                     ),
                     "writes": statistics.median(r["writes"] for r in measured),
+                    "file_mb": statistics.median(r["file_mb"] for r in measured),
                     "val": sorted({r["val"] for r in measured}),
                     "metric": measured[0]["metric"],
                 }
@@ -143,15 +159,16 @@ def summarise(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| dataset | configuration | s/epoch | time vs before | resume writes | validation |",
-        "|---|---|---|---|---|---|",
+        "| dataset | configuration | s/epoch | time vs before | resume writes | resume file "
+        "| validation |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         values = ", ".join(f"{v:.6g}" for v in row["val"])
         lines.append(
             f"| {row['dataset']} | {row['config']} | {row['per_epoch']:.3f} | "
             f"{row['vs_before']:.2f}x | {row['writes']:g} of {row['epochs']} | "
-            f"{row['metric']} {values} |"
+            f"{row['file_mb']:.0f} MB | {row['metric']} {values} |"
         )
     return "\n".join(lines)
 
@@ -162,16 +179,19 @@ def section(body_table: str, command: str, epochs: int, repeats: int, threads: i
 
     body = f"""What refinement's epoch spends beyond its training steps. `before`: the resume file
 (`refine_state.pt`: the model, the optimizer's state and the best epoch's weights) written after
-every epoch and AdamW updating its tensors one by one, as before session 22; `cheap writes`: the
-file written only once the training since the last write took {STATE_WRITE_COST_RATIO:g} times
-what that write took (and always after the first and the last epoch); `engine`: those writes and
-a fused AdamW (one kernel per step), what a job runs now. Each row: the suite's dataset, seed 0,
-every field `auto` except one model, {epochs} epochs without early stopping;
-{threads} torch threads; the three in one process, {repeats} repeats, order rotating;
-seconds per epoch from the end of the first epoch to the end of the last (median), "time vs
-before" the median of each repeat's ratio. Validation: the values the runs ended with — the
-writes change nothing (`before` and `cheap writes` agree exactly); the fused update is the same
-arithmetic rounded differently.
+every epoch, AdamW updating its tensors one by one, and the whole model in every write and every
+copy of the best weights, as before session 22; `session 22`: the file written only once the
+training since the last write took {STATE_WRITE_COST_RATIO:g} times what that write took (and
+always after the first and the last epoch) and a fused AdamW (one kernel per step); `engine`:
+the same with the weights that do not train (in `layernorm` mode all of the backbone but its
+LayerNorms) snapshotted once per run and left out of the file and the copies (session 23), what
+a job runs now. Each row: the suite's dataset, seed 0, every field `auto` except one model,
+{epochs} epochs without early stopping; {threads} torch threads; the three in one process,
+{repeats} repeats, order rotating; seconds per epoch from the end of the first epoch to the end
+of the last (median), "time vs before" the median of each repeat's ratio; "resume file" its
+largest size. Validation: the values the runs ended with — writes and copies change nothing
+(`session 22` and `engine` agree exactly); the fused update is the same arithmetic as the
+per-tensor one rounded differently.
 
 {body_table}
 

@@ -10,6 +10,8 @@ orca        the engine's default recipe, everything ``auto``: OTDD alignment, th
 orca-full   OTDD alignment + full fine-tuning at any size (the paper's ORCA)
 orca-mmd    orca-full with ``alignment.distance: mmd``
 orca-gaussian  orca-full with ``alignment.distance: otdd_gaussian``
+orca-noalign  the default recipe with ``alignment.distance: none`` and nothing else changed (the
+            ablation that says whether alignment earns its place in the default)
 naive-ft    no alignment (``distance: none``), full fine-tuning
 fpt         no alignment, LayerNorm-only fine-tuning (Lu et al.'s frozen pretrained transformer)
 scratch     no alignment, full fine-tuning of ``minilm-l6-scratch`` (MiniLM's architecture with
@@ -78,6 +80,7 @@ NN_METHODS: dict[str, dict[str, Any]] = {
     "orca-full": {"finetune": {"mode": "full"}},
     "orca-mmd": {"alignment": {"distance": "mmd"}, "finetune": {"mode": "full"}},
     "orca-gaussian": {"alignment": {"distance": "otdd_gaussian"}, "finetune": {"mode": "full"}},
+    "orca-noalign": {"alignment": {"distance": "none"}},
     "naive-ft": {"alignment": {"distance": "none"}, "finetune": {"mode": "full"}},
     "fpt": {"alignment": {"distance": "none"}, "finetune": {"mode": "layernorm"}},
     "scratch": {
@@ -854,6 +857,7 @@ def claims(
     lines = [
         verdict("orca-full", "naive-ft", "Alignment beats naive fine-tuning"),
         verdict("orca", "naive-ft", "The default job beats naive fine-tuning"),
+        verdict("orca", "orca-noalign", "Alignment earns its place in the default job"),
         verdict("naive-ft", "fpt", "Full fine-tuning beats LayerNorm-only (FPT)"),
         verdict("naive-ft", "scratch", "Pretrained weights beat the same model from scratch"),
     ]

@@ -753,8 +753,10 @@ def resolve_spec(
         else "only dense series tasks read the stem at every position"
     )
     embedder_stem_layers = stem_layers_for(task_type, info.input_kind, embedder_stem)
+    # the stem's layer i (from 1) is dilated 2**i (orca_engine.embedders.local_stem)
+    dilations = " and ".join(str(2**layer) for layer in range(1, DENSE_STEM_LAYERS))
     reasons["embedder_stem_layers"] = (
-        f"{DENSE_STEM_LAYERS} stem layers, the later ones residual and dilated 2 and 4, so each "
+        f"{DENSE_STEM_LAYERS} stem layers, the later ones residual and dilated {dilations}, so each "
         "position's local features reach further along the series (measured in docs/QUALITY.md)"
         if head_local_skip
         else "no conv stem to deepen"
