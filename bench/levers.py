@@ -331,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         print(summary(args.results))
         return 0
+    if (
+        args.keep_bundles is not None
+        and args.keep_bundles.exists()
+        and not args.keep_bundles.is_dir()
+    ):
+        # checked before any run: finding out after the first hour's job would lose it
+        parser.error(f"--keep-bundles {args.keep_bundles} exists and is not a directory")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
