@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,10 +48,8 @@ CONFIGS = {
 def _one_run(name: str, epochs: int, config: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from bench.datasets import dataset_path
-    from bench.levers import CACHE
+    from bench.levers import run_one
     from orca_engine import refine as refine_module
-    from orca_engine.pipeline import run_job
     from orca_engine.progress import Callbacks
 
     torch.set_num_threads(threads)
@@ -83,21 +80,12 @@ def _one_run(name: str, epochs: int, config: str, threads: int) -> dict[str, Any
     refine_module.SLIM_STATE = slim
     refine_module.save_stage = counted_save  # type: ignore[assignment]
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run_job(
-                {"dataset_id": name, "seed": 0},
-                dataset_path(name, CACHE),
-                Path(tmp) / "work",
-                bundle_dir=Path(tmp) / "bundle",
-                callbacks=EpochClock(),
-                device="cpu",
-                proxy_cache_dir=CACHE / "proxies",
-                resolved_overrides={
-                    "finetune_epochs": epochs,
-                    "ensemble_members": 1,
-                    "early_stopping_patience": 0,
-                },
-            )
+        result, _ = run_one(
+            name,
+            {"seed": 0},
+            {"finetune_epochs": epochs, "ensemble_members": 1, "early_stopping_patience": 0},
+            callbacks=EpochClock(),
+        )
     finally:
         (
             refine_module.STATE_WRITE_COST_RATIO,

@@ -216,6 +216,40 @@ def _revision() -> str:
         return "unknown"
 
 
+def run_one(
+    name: str,
+    spec: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    *,
+    callbacks: Any = None,
+    keep_bundle: Path | None = None,
+) -> tuple[Any, float]:
+    """One job on the suite's dataset ``name`` on the CPU, in a scratch dir: (result, seconds).
+
+    ``spec``'s dataset id is set to ``name``; ``overrides`` are resolved-spec overrides;
+    ``keep_bundle``: copy the model bundle there (replacing what was there).
+    """
+    from orca_engine.pipeline import run_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.monotonic()
+        result = run_job(
+            {**spec, "dataset_id": name},
+            dataset_path(name, CACHE),
+            Path(tmp) / "work",
+            bundle_dir=Path(tmp) / "bundle",
+            callbacks=callbacks,
+            device="cpu",
+            proxy_cache_dir=CACHE / "proxies",
+            resolved_overrides=overrides or None,
+        )
+        seconds = time.monotonic() - started
+        if keep_bundle is not None:
+            shutil.rmtree(keep_bundle, ignore_errors=True)
+            shutil.copytree(Path(tmp) / "bundle", keep_bundle)
+    return result, seconds
+
+
 def run(
     variants: list[str],
     datasets: list[str],
@@ -226,33 +260,23 @@ def run(
     """Run every variant on every dataset and seed; ``keep_bundles``: copy each model there."""
     import torch
 
-    from orca_engine.pipeline import run_job
-
     torch.set_num_threads(threads)
     revision = _revision()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for variant in variants:
         spec_fragment, overrides = VARIANTS[variant]
         for name in datasets:
-            path = dataset_path(name, CACHE)
             for seed in seeds:
-                spec = {"dataset_id": name, "seed": seed, **spec_fragment}
-                with tempfile.TemporaryDirectory() as tmp:
-                    started = time.monotonic()
-                    result = run_job(
-                        spec,
-                        path,
-                        Path(tmp) / "work",
-                        bundle_dir=Path(tmp) / "bundle",
-                        device="cpu",
-                        proxy_cache_dir=CACHE / "proxies",
-                        resolved_overrides=overrides or None,
-                    )
-                    seconds = time.monotonic() - started
-                    if keep_bundles is not None:
-                        kept = keep_bundles / f"{variant}-{name}-{seed}"
-                        shutil.rmtree(kept, ignore_errors=True)
-                        shutil.copytree(Path(tmp) / "bundle", kept)
+                result, seconds = run_one(
+                    name,
+                    {"seed": seed, **spec_fragment},
+                    overrides,
+                    keep_bundle=(
+                        keep_bundles / f"{variant}-{name}-{seed}"
+                        if keep_bundles is not None
+                        else None
+                    ),
+                )
                 record = {
                     "variant": variant,
                     "dataset": name,
