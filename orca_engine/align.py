@@ -17,6 +17,7 @@ from it with the same final result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from orca_engine.device import cpu_copy
 from orca_engine.distances import Distance, SourceData, create_distance, kmeans_labels, pool_tokens
+from orca_engine.embedders import remembering_bank_shares
 from orca_engine.progress import Callbacks
 
 logger = logging.getLogger(__name__)
@@ -201,6 +203,9 @@ def align_embedder(
         torch.set_rng_state(state["rng"])
         logger.info("alignment resumes after epoch %d", start_epoch)
 
+    # The embedder reads the same target series every epoch: its kernel bank remembers them.
+    remembering = contextlib.ExitStack()
+    remembering.enter_context(remembering_bank_shares(model))
     try:
         epoch = start_epoch
         stopped = auto_stop and _plateaued(curve, patience)
@@ -248,6 +253,7 @@ def align_embedder(
                 kind="log",
             )
     finally:
+        remembering.close()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(previous_flags.get(name, True))
         model.train(was_training)

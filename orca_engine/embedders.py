@@ -9,8 +9,13 @@ length L gives ``ceil(L / p)`` tokens, never a single collapsed one.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import math
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -140,6 +145,47 @@ KERNEL_BANK_MAX_VALUES = (
 #: mixes on BasicMotions (4,032 features) sent the OTDD from 160 to 263 in one step and it
 #: never came back; JapaneseVowels' 2,016 aligned as the single-subset bank does (docs/QUALITY.md)
 KERNEL_BANK_MAX_FEATURES = 2016
+#: inside :func:`remembering_bank_shares` (alignment, refinement) a kernel bank on the CPU
+#: remembers the raw shares of the series it has read (keyed by their bytes), up to this many
+#: bytes per bank: the bank is fixed, and those stages read the same series every epoch.
+#: Outside (prediction) it never stores.
+KERNEL_BANK_MEMO_BYTES = 256 << 20
+
+
+@dataclass
+class _SharesMemo:
+    """A bank's remembered raw shares, valid while its filters and thresholds are these."""
+
+    weight: torch.Tensor
+    thresholds: torch.Tensor
+    rows: dict[bytes, torch.Tensor] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+#: per bank object, outside the module: a deepcopy (ensemble members), a state dict or a pickled
+#: bundle never carries it, and it goes when the bank does
+_MEMOS: weakref.WeakKeyDictionary[nn.Module, _SharesMemo] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def remembering_bank_shares(*models: nn.Module) -> Iterator[None]:
+    """While open, the kernel banks in ``models`` remember what they computed; then forget it."""
+    banks = [m for model in models for m in model.modules() if isinstance(m, KernelBank)]
+    for bank in banks:
+        bank.remember = True
+    try:
+        yield
+    finally:
+        for bank in banks:
+            bank.remember = False
+            _MEMOS.pop(bank, None)
+
+
+def _row_key(row: torch.Tensor) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tuple(row.shape)}".encode())
+    digest.update(row.numpy().tobytes())
+    return digest.digest()
 
 
 def kernel_bank_channel_mixes(channels: int, dilations: int, positions: int) -> int:
@@ -225,6 +271,8 @@ class KernelBank(nn.Module):
         check_runs(patch_size, pool_steps)
         self.pool_steps = int(pool_steps)
         self.summary = bool(summary)
+        #: set by :func:`remembering_bank_shares`
+        self.remember = False
         self.n_tokens = math.ceil(int(length) / int(patch_size))
         # Lengths and patches below count averaged positions (steps when nothing is averaged).
         self.length = math.ceil(int(length) / self.pool_steps)
@@ -329,8 +377,38 @@ class KernelBank(nn.Module):
 
     @torch.no_grad()
     def raw_shares(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw shares of the series ``x`` (steps, not yet averaged)."""
-        return self._pooled_shares(self._averaged(x.float()))
+        """Raw shares of the series ``x`` (steps, not yet averaged).
+
+        Inside :func:`remembering_bank_shares` on the CPU, series read before are answered from
+        memory (:data:`KERNEL_BANK_MEMO_BYTES`): the same values, without the convolutions.
+        """
+        x = x.float()
+        if not self.remember or x.device.type != "cpu" or KERNEL_BANK_MEMO_BYTES <= 0:
+            return self._pooled_shares(self._averaged(x))
+        memo = _MEMOS.get(self)
+        if (
+            memo is None
+            or not torch.equal(memo.weight, self.weight)
+            or not torch.equal(memo.thresholds, self.thresholds)
+        ):  # new, or the bank was calibrated or loaded since: what it remembers is stale
+            memo = _MEMOS[self] = _SharesMemo(self.weight.clone(), self.thresholds.clone())
+        x = x.contiguous()
+        keys = [_row_key(row) for row in x]
+        missing = [i for i, key in enumerate(keys) if key not in memo.rows]
+        fresh_rows = set(missing)
+        fresh = self._pooled_shares(self._averaged(x[missing])) if missing else None
+        out = torch.empty(len(x), self.n_features, self.n_tokens)
+        if fresh is not None:
+            out[missing] = fresh
+            for index, shares in zip(missing, fresh, strict=True):
+                size = shares.numel() * shares.element_size()
+                if memo.nbytes + size <= KERNEL_BANK_MEMO_BYTES:
+                    memo.rows[keys[index]] = shares.clone()
+                    memo.nbytes += size
+        for index, key in enumerate(keys):
+            if index not in fresh_rows:
+                out[index] = memo.rows[key]
+        return out
 
     def _pooled_shares(self, x: torch.Tensor) -> torch.Tensor:
         # Long series: a few rows at a time, so the (rows, features, length) mask stays ~64 MB.

@@ -9,6 +9,7 @@ split is never looked at here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -36,6 +37,7 @@ from orca_engine.device import (
     rng_state,
     seed_everything,
 )
+from orca_engine.embedders import remembering_bank_shares
 from orca_engine.metrics import compute_metrics, higher_is_better
 from orca_engine.model import OrcaModel, set_trainable
 from orca_engine.progress import Callbacks
@@ -368,7 +370,34 @@ def refine(
     training since the last write (:data:`STATE_WRITE_COST_RATIO`); on CPU a resumed run ends
     with the same weights as an uninterrupted one.
     On return ``model`` holds the LAST epoch's weights; ``best_state`` holds the selected ones.
+    The fixed kernel bank, if any, reads the same series every epoch and remembers them for the
+    run (not where augmentation or mixup make every epoch's inputs new).
     """
+    fresh_inputs = bool(getattr(rspec, "augment", False)) or (
+        rspec.task_type == "classification" and float(getattr(rspec, "mixup_alpha", 0.0)) > 0
+    )
+    with contextlib.nullcontext() if fresh_inputs else remembering_bank_shares(model):
+        return _refine(
+            model,
+            dataset,
+            rspec,
+            device=device,
+            callbacks=callbacks,
+            state_dir=state_dir,
+            preprocessing=preprocessing,
+        )
+
+
+def _refine(
+    model: OrcaModel,
+    dataset: Dataset,
+    rspec: Any,
+    *,
+    device: torch.device | str,
+    callbacks: Callbacks | None,
+    state_dir: str | Path | None,
+    preprocessing: Preprocessing | None,
+) -> RefineResult:
     callbacks = callbacks or Callbacks()
     device = torch.device(device)
     task_type: str = rspec.task_type

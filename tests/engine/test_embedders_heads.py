@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from orca_engine import embedders
 from orca_engine.backbones import Backbone, create_backbone, list_backbones
 from orca_engine.embedders import (
     KERNEL_BANK_MAX_DILATIONS,
@@ -549,3 +551,57 @@ def test_a_deeper_stem_starts_as_one_layer_reaches_further_and_round_trips() -> 
     assert "stem_layers" not in plain.config()
     with pytest.raises(ValueError, match="series stem"):
         local_stem(torch.nn.Conv2d, 1, 8, 3, layers=2)
+
+
+def test_a_bank_remembers_series_it_read_while_asked_until_its_thresholds_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    train = torch.randn(20, 1, 151).cumsum(-1)
+    bank = KernelBank(1, 151, 19, kernel_bank_dilations(151))
+    bank.calibrate(train)
+    computed: list[int] = []
+    real = bank._pooled_shares
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        computed.append(len(x))
+        return real(x)
+
+    monkeypatch.setattr(bank, "_pooled_shares", counted)
+    # prediction: computed every time, nothing kept
+    reference = bank.raw_shares(train)
+    assert torch.equal(bank.raw_shares(train), reference)
+    assert computed == [20, 20] and embedders._MEMOS.get(bank) is None
+
+    computed.clear()
+    with embedders.remembering_bank_shares(bank):
+        assert torch.equal(bank.raw_shares(train[:10]), reference[:10])
+        # a batch of five remembered series and ten new ones computes only the new ones
+        assert torch.equal(bank.raw_shares(train[5:20]), reference[5:20])
+        assert torch.equal(bank.raw_shares(train[[19, 0, 7]]), reference[[19, 0, 7]])
+        assert computed == [10, 10]
+        # a copy (an ensemble member) starts with nothing remembered
+        assert embedders._MEMOS.get(copy.deepcopy(bank)) is None
+
+        bank.calibrate(train[:5] * 3.0)  # new thresholds: the remembered shares are stale
+        computed.clear()
+        fresh = bank.raw_shares(train[:4])
+        assert computed == [4] and not torch.equal(fresh, reference[:4])
+    # leaving forgets everything
+    assert embedders._MEMOS.get(bank) is None and not bank.remember
+    assert torch.equal(fresh, bank.raw_shares(train[:4])) and computed == [4, 4]
+
+
+def test_a_bank_remembers_no_more_than_its_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    series = torch.randn(10, 1, 151)
+    bank = KernelBank(1, 151, 19, kernel_bank_dilations(151))
+    bank.calibrate(series)
+    row_bytes = bank.n_features * bank.n_tokens * 4
+    monkeypatch.setattr(embedders, "KERNEL_BANK_MEMO_BYTES", 3 * row_bytes)
+    reference = bank.raw_shares(series)
+    with embedders.remembering_bank_shares(bank):
+        assert torch.equal(bank.raw_shares(series), reference)
+        memo = embedders._MEMOS[bank]
+        assert len(memo.rows) == 3 and memo.nbytes == 3 * row_bytes
+        assert torch.equal(bank.raw_shares(series), reference)  # the rest is computed again

@@ -593,3 +593,50 @@ def test_device_oom_becomes_an_actionable_error() -> None:
     ):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert error.value.code == "out_of_memory"
+
+
+def test_refinement_ends_with_the_same_weights_whether_the_bank_remembers_or_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orca_engine import embedders
+
+    dataset = make_dataset(n_train=48, n_val=24)
+    rspec = make_rspec(finetune_mode="layernorm", finetune_epochs=3)
+
+    def bank_model() -> tuple[OrcaModel, list[int]]:
+        torch.manual_seed(0)
+        model = build_model(
+            info=dataset.info,
+            task_type="classification",
+            out_dim=2,
+            backbone=create_backbone("tiny-bert"),
+            token_budget=8,
+            stem_channels=4,
+            kernel_bank=True,
+            kernel_summary=True,
+            flat_head=True,
+        )
+        model.embedder.calibrate(torch.from_numpy(dataset.x_train))
+        bank = model.embedder.bank
+        assert bank is not None
+        computed: list[int] = []
+        real = bank._pooled_shares
+
+        def counted(x: torch.Tensor) -> torch.Tensor:
+            computed.append(len(x))
+            return real(x)
+
+        monkeypatch.setattr(bank, "_pooled_shares", counted)
+        return model, computed
+
+    remembering, computed = bank_model()
+    refine(remembering, dataset, rspec, device="cpu")
+    # each training and validation series once, not once per epoch; forgotten afterwards
+    assert sum(computed) == 48 + 24
+    assert remembering.embedder.bank not in embedders._MEMOS
+    monkeypatch.setattr(embedders, "KERNEL_BANK_MEMO_BYTES", 0)
+    computing, computed = bank_model()
+    refine(computing, dataset, rspec, device="cpu")
+    assert sum(computed) == 3 * (48 + 24)
+    for name, tensor in computing.state_dict().items():
+        assert torch.equal(tensor, remembering.state_dict()[name]), name
