@@ -165,20 +165,26 @@ class _SharesMemo:
 #: per bank object, outside the module: a deepcopy (ensemble members), a state dict or a pickled
 #: bundle never carries it, and it goes when the bank does
 _MEMOS: weakref.WeakKeyDictionary[nn.Module, _SharesMemo] = weakref.WeakKeyDictionary()
+#: per bank object: how many :func:`remembering_bank_shares` are open around it (a copy made
+#: inside one, such as an ensemble member, is not remembering)
+_REMEMBERING: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
 def remembering_bank_shares(*models: nn.Module) -> Iterator[None]:
-    """While open, the kernel banks in ``models`` remember what they computed; then forget it."""
+    """While open, the kernel banks in ``models`` remember what they computed; when the
+    outermost of nested ones closes, they forget it (an ensemble keeps it across members)."""
     banks = [m for model in models for m in model.modules() if isinstance(m, KernelBank)]
     for bank in banks:
-        bank.remember = True
+        _REMEMBERING[bank] = _REMEMBERING.get(bank, 0) + 1
     try:
         yield
     finally:
         for bank in banks:
-            bank.remember = False
-            _MEMOS.pop(bank, None)
+            _REMEMBERING[bank] -= 1
+            if not _REMEMBERING[bank]:
+                del _REMEMBERING[bank]
+                _MEMOS.pop(bank, None)
 
 
 def _row_key(row: torch.Tensor) -> bytes:
@@ -271,8 +277,6 @@ class KernelBank(nn.Module):
         check_runs(patch_size, pool_steps)
         self.pool_steps = int(pool_steps)
         self.summary = bool(summary)
-        #: set by :func:`remembering_bank_shares`
-        self.remember = False
         self.n_tokens = math.ceil(int(length) / int(patch_size))
         # Lengths and patches below count averaged positions (steps when nothing is averaged).
         self.length = math.ceil(int(length) / self.pool_steps)
@@ -383,7 +387,7 @@ class KernelBank(nn.Module):
         memory (:data:`KERNEL_BANK_MEMO_BYTES`): the same values, without the convolutions.
         """
         x = x.float()
-        if not self.remember or x.device.type != "cpu" or KERNEL_BANK_MEMO_BYTES <= 0:
+        if self not in _REMEMBERING or x.device.type != "cpu" or KERNEL_BANK_MEMO_BYTES <= 0:
             return self._pooled_shares(self._averaged(x))
         memo = _MEMOS.get(self)
         if (

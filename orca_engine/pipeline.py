@@ -51,6 +51,7 @@ from orca_engine.progress import STAGES, Callbacks
 from orca_engine.refine import (
     Preprocessing,
     RefineResult,
+    bank_memory,
     fit_preprocessing,
     outputs_for_metrics,
     refine,
@@ -663,16 +664,17 @@ def run_job(
     )
     final: torch.nn.Module = model
     if rspec.ensemble_members > 1:
-        final, refined = _refine_ensemble(
-            model,
-            dataset,
-            rspec,
-            device=torch_device,
-            callbacks=callbacks,
-            workdir=workdir,
-            preprocessing=preprocessing,
-            pooled=not dataset.info.has_val,
-        )
+        with bank_memory(model, rspec):  # the members' folds share their series
+            final, refined = _refine_ensemble(
+                model,
+                dataset,
+                rspec,
+                device=torch_device,
+                callbacks=callbacks,
+                workdir=workdir,
+                preprocessing=preprocessing,
+                pooled=not dataset.info.has_val,
+            )
     else:
         refined = refine(
             model,

@@ -373,10 +373,7 @@ def refine(
     The fixed kernel bank, if any, reads the same series every epoch and remembers them for the
     run (not where augmentation or mixup make every epoch's inputs new).
     """
-    fresh_inputs = bool(getattr(rspec, "augment", False)) or (
-        rspec.task_type == "classification" and float(getattr(rspec, "mixup_alpha", 0.0)) > 0
-    )
-    with contextlib.nullcontext() if fresh_inputs else remembering_bank_shares(model):
+    with bank_memory(model, rspec):
         return _refine(
             model,
             dataset,
@@ -386,6 +383,15 @@ def refine(
             state_dir=state_dir,
             preprocessing=preprocessing,
         )
+
+
+def bank_memory(model: nn.Module, rspec: Any) -> contextlib.AbstractContextManager[None]:
+    """The kernel banks of ``model`` remember the series they read while this is open, unless
+    augmentation or mixup make every epoch's inputs new (then there is nothing to reuse)."""
+    fresh_inputs = bool(getattr(rspec, "augment", False)) or (
+        rspec.task_type == "classification" and float(getattr(rspec, "mixup_alpha", 0.0)) > 0
+    )
+    return contextlib.nullcontext() if fresh_inputs else remembering_bank_shares(model)
 
 
 def _refine(

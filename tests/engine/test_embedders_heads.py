@@ -580,15 +580,22 @@ def test_a_bank_remembers_series_it_read_while_asked_until_its_thresholds_change
         assert torch.equal(bank.raw_shares(train[5:20]), reference[5:20])
         assert torch.equal(bank.raw_shares(train[[19, 0, 7]]), reference[[19, 0, 7]])
         assert computed == [10, 10]
-        # a copy (an ensemble member) starts with nothing remembered
-        assert embedders._MEMOS.get(copy.deepcopy(bank)) is None
+        # a copy (an ensemble member) remembers nothing, and does not start to
+        member = copy.deepcopy(bank)
+        assert embedders._MEMOS.get(member) is None
+        member.raw_shares(train[:3])
+        assert member not in embedders._MEMOS and member not in embedders._REMEMBERING
+        # nested (an ensemble around each member's refinement): the outer one keeps it
+        with embedders.remembering_bank_shares(bank):
+            pass
+        assert len(embedders._MEMOS[bank].rows) == 20
 
         bank.calibrate(train[:5] * 3.0)  # new thresholds: the remembered shares are stale
         computed.clear()
         fresh = bank.raw_shares(train[:4])
         assert computed == [4] and not torch.equal(fresh, reference[:4])
     # leaving forgets everything
-    assert embedders._MEMOS.get(bank) is None and not bank.remember
+    assert embedders._MEMOS.get(bank) is None and bank not in embedders._REMEMBERING
     assert torch.equal(fresh, bank.raw_shares(train[:4])) and computed == [4, 4]
 
 
