@@ -633,9 +633,10 @@ def resolve_spec(
         align_epochs, align_auto = ALIGN_EPOCH_CAP[kind], True
         reasons["align_epochs"] = (
             f"up to {align_epochs} epochs on {kind}, stopping early when the distance plateaus; "
-            "kept as ORCA's stage 2, not for a measured gain: on the small sets measured so far "
-            "the same job without alignment scored level within the seed spread, or about a "
-            "point lower on one (docs/QUALITY.md)"
+            "kept as ORCA's stage 2, not for a measured gain: on the 19 sets of the quality "
+            "suite the same job without alignment was level on 14, ahead on ArrowHead (2 points, "
+            "every seed), diabetes and Darcy, and behind on the two periodic fields "
+            "(docs/QUALITY.md, session 23); set alignment.distance 'none' to skip it"
         )
     else:
         align_epochs, align_auto = int(spec.alignment.epochs), False

@@ -54,8 +54,9 @@ def test_auto_resolves_to_concrete_values_with_reasons() -> None:
         "otdd",
     )
     assert data["align_auto"] is True and 0 < data["align_epochs"] <= 60
-    # the job says why alignment runs even though it was not measured to help on small sets
+    # the job says why alignment runs though the quality suite measured no gain, and how to skip it
     assert "not for a measured gain" in resolved.reasons["align_epochs"]
+    assert "alignment.distance 'none'" in resolved.reasons["align_epochs"]
     assert data["token_budget"] == 8  # series: few long tokens through a conv stem
     # 50 train rows, 10 held out for val -> 40; batch clip(40 // 8, 8, 64) = 8
     assert data["batch_size"] == 8
