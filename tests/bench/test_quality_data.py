@@ -239,3 +239,14 @@ def test_long_gunpoint_is_the_same_curves_twenty_times_as_finely_sampled() -> No
     np.testing.assert_allclose(long_train[..., 0], x_train[..., 0])
     np.testing.assert_allclose(long_train[..., -1], x_train[..., -1])
     assert long_train.min() >= x_train.min() - 1e-5 and long_train.max() <= x_train.max() + 1e-5
+
+
+def test_the_alignment_ablation_changes_nothing_but_alignment(tmp_path: Path) -> None:
+    planner = Planner(tmp_path, "cpu")
+    orca = planner.task("GunPoint", "orca", 0)
+    ablation = planner.task("GunPoint", "orca-noalign", 0)
+    assert orca is not None and ablation is not None
+    with_alignment, without = orca.identity["resolved"], ablation.identity["resolved"]
+    changed = {key for key in with_alignment if with_alignment[key] != without.get(key)}
+    assert changed == {"distance", "align_epochs", "align_auto"}
+    assert without["distance"] == "none" and without["align_epochs"] == 0
