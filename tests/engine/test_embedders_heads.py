@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -554,20 +555,13 @@ def test_a_deeper_stem_starts_as_one_layer_reaches_further_and_round_trips() -> 
 
 
 def test_a_bank_remembers_series_it_read_while_asked_until_its_thresholds_change(
-    monkeypatch: pytest.MonkeyPatch,
+    count_bank_rows: Callable[[KernelBank], list[int]],
 ) -> None:
     torch.manual_seed(0)
     train = torch.randn(20, 1, 151).cumsum(-1)
     bank = KernelBank(1, 151, 19, kernel_bank_dilations(151))
     bank.calibrate(train)
-    computed: list[int] = []
-    real = bank._pooled_shares
-
-    def counted(x: torch.Tensor) -> torch.Tensor:
-        computed.append(len(x))
-        return real(x)
-
-    monkeypatch.setattr(bank, "_pooled_shares", counted)
+    computed = count_bank_rows(bank)
     # prediction: computed every time, nothing kept
     reference = bank.raw_shares(train)
     assert torch.equal(bank.raw_shares(train), reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from orca_engine.backbones import create_backbone
 from orca_engine.checkpoint import load_weights, save_bundle, save_weights
 from orca_engine.data import Dataset, DatasetInfo, LabelMap, Normaliser
 from orca_engine.device import out_of_memory_as_error
+from orca_engine.embedders import KernelBank
 from orca_engine.errors import DataError, JobCancelled, OutOfMemory
 from orca_engine.model import OrcaModel, build_model
 from orca_engine.predict import Predictor, load_model
@@ -596,7 +598,7 @@ def test_device_oom_becomes_an_actionable_error() -> None:
 
 
 def test_refinement_ends_with_the_same_weights_whether_the_bank_remembers_or_not(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, count_bank_rows: Callable[[KernelBank], list[int]]
 ) -> None:
     from orca_engine import embedders
 
@@ -617,17 +619,8 @@ def test_refinement_ends_with_the_same_weights_whether_the_bank_remembers_or_not
             flat_head=True,
         )
         model.embedder.calibrate(torch.from_numpy(dataset.x_train))
-        bank = model.embedder.bank
-        assert bank is not None
-        computed: list[int] = []
-        real = bank._pooled_shares
-
-        def counted(x: torch.Tensor) -> torch.Tensor:
-            computed.append(len(x))
-            return real(x)
-
-        monkeypatch.setattr(bank, "_pooled_shares", counted)
-        return model, computed
+        assert model.embedder.bank is not None
+        return model, count_bank_rows(model.embedder.bank)
 
     remembering, computed = bank_model()
     refine(remembering, dataset, rspec, device="cpu")
