@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -267,7 +268,7 @@ def worker(
 PR_SET_PDEATHSIG = 1
 
 
-def _ended_with(parent: int) -> Any:
+def _ended_with(parent: int) -> Callable[[], None]:
     """A ``preexec_fn`` that makes the child get SIGTERM when ``parent`` dies, however it dies.
 
     ``orca serve`` stops its API and worker itself on Ctrl-C or SIGTERM, but a SIGKILL (an OOM
