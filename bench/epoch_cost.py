@@ -18,13 +18,14 @@ job runs once per configuration per repeat, in one process, the order rotating:
   what a job runs now.
 
 Each job is the suite's dataset, seed 0, every field ``auto`` except one model, a fixed number
-of epochs, no early stopping and at most 6 alignment epochs (timed too, per epoch). Timed: from the end of refinement's first epoch to the end of
-its last, per epoch (every epoch but the first, with the writes of the epochs before it). The
+of epochs, no early stopping and at most :data:`ALIGN_EPOCHS` alignment epochs (timed too, per
+epoch). Timed: from the end of refinement's first epoch to the end of its last, per epoch
+(every epoch but the first, with the writes of the epochs before it). The
 validation metric is reported for each: the writes, copies and the bank's memory change
 nothing; the fused update rounds differently from the per-tensor one and may move it a little.
 
-Run: ``python -m bench.epoch_cost [--datasets burgers GunPoint GunPoint-long] [--epochs 12] [--repeats 3]
-[--quick]``;
+Run: ``python -m bench.epoch_cost [--datasets burgers GunPoint GunPoint-long] [--epochs 12]
+[--repeats 3] [--quick]``;
 writes the section "Refinement epoch cost" of docs/BENCHMARKS.md.
 """
 

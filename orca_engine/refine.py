@@ -106,14 +106,14 @@ def _frozen_names(model: nn.Module) -> list[str]:
 
 
 def _fingerprint(state: dict[str, torch.Tensor], names: list[str]) -> str:
-    """SHA-256 over the named tensors' names, dtypes, shapes and bytes (~60 ms for MiniLM's
-    90 MB here): tells whether a rebuilt model's frozen weights are, bit for bit, the ones a
-    resume file was trained beside, whatever the thread count."""
+    """SHA-256 over the named tensors' names, dtypes, shapes and bytes (~50 ms for MiniLM's
+    90 MB here, read in place): tells whether a rebuilt model's frozen weights are, bit for bit,
+    the ones a resume file was trained beside, whatever the thread count."""
     digest = hashlib.sha256()
     for name in names:
         tensor = state[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -454,12 +454,6 @@ def _refine(
         _fingerprint(frozen, frozen_names) if state_path is not None and frozen_names else ""
     )
 
-    def best_copy() -> dict[str, torch.Tensor]:
-        return {
-            name: frozen[name] if name in frozen else tensor.detach().to("cpu", copy=True)
-            for name, tensor in evaluated.state_dict().items()
-        }
-
     def changing(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: tensor for name, tensor in state.items() if name not in frozen}
 
@@ -588,7 +582,7 @@ def _refine(
         if eligible and _is_better(score, val_loss, best_score, best_loss, higher=higher):
             best_epoch, best_score, best_val = epoch + 1, score, val_metrics
             best_loss = val_loss
-            best_state = best_copy()
+            best_state = {**frozen, **cpu_copy(changing(evaluated.state_dict()))}
             epochs_since_best = 0
         elif eligible:
             epochs_since_best += 1
