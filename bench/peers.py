@@ -232,6 +232,22 @@ PEERS: dict[str, Callable[[Arrays, DatasetMeta, int, int], np.ndarray]] = {
 }
 
 
+def correct_marks(y_true: Any, predicted: Any) -> str:
+    """One character per test row, ``1`` where the predicted class is the true one, else ``0``.
+
+    Kept with each accuracy result so two methods can be compared row by row on the same test
+    split (``bench.quality.paired_error``). ``predicted`` is class ids or one row of scores per sample.
+    """
+    truth = np.asarray(y_true).reshape(-1)
+    guess = np.asarray(predicted)
+    if guess.ndim == 2:
+        guess = guess.argmax(axis=1)
+    guess = guess.reshape(-1)
+    if len(guess) != len(truth):
+        raise ValueError(f"{len(guess)} predictions for {len(truth)} test rows")
+    return "".join("1" if hit else "0" for hit in guess == truth)
+
+
 def run_peer(method: str, arrays: Arrays, meta: DatasetMeta, *, seed: int, epochs: int) -> dict:
     """Train one peer and score it on test: ``{"test": {...}, "wall_s": ...}``."""
     from orca_engine.metrics import compute_metrics
@@ -240,4 +256,7 @@ def run_peer(method: str, arrays: Arrays, meta: DatasetMeta, *, seed: int, epoch
     predicted = PEERS[method](arrays, meta, seed, epochs)
     wall = time.monotonic() - started
     test = compute_metrics(meta.task_type, arrays[3], predicted)
-    return {"test": test, "wall_s": wall}
+    body: dict[str, Any] = {"test": test, "wall_s": wall}
+    if meta.task_type == "classification":
+        body["test_correct"] = correct_marks(arrays[3], predicted)
+    return body

@@ -266,6 +266,28 @@ def _store_result(cache_dir: Path, task: Task, result: dict[str, Any]) -> None:
 # --- running ---------------------------------------------------------------------------------
 
 
+def _bundle_marks(bundle_dir: Path, dataset_path: str, accuracy: float) -> str | None:
+    """The finished bundle's per-row marks on test, or None where they would not be trusted.
+
+    The bundle predicts the test rows afresh (the path a client's predict call takes); the
+    marks are kept only when they reproduce the job's own test accuracy.
+    """
+    from orca_engine.predict import load_model
+
+    with np.load(dataset_path, allow_pickle=False) as data:
+        x_test, y_test = data["x_test"], data["y_test"]
+    predictor = load_model(bundle_dir)
+    marks = bench_peers.correct_marks(y_test, predictor.predict(x_test).predictions)
+    if abs(marks.count("1") / len(marks) - accuracy) > 1e-9:
+        logger.warning(
+            "bundle's test accuracy %.6f differs from the job's %.6f: per-row marks not kept",
+            marks.count("1") / len(marks),
+            accuracy,
+        )
+        return None
+    return marks
+
+
 def _nn_child(request: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: one ``run_job`` on the CPU threads given; returns what we record."""
     import torch
@@ -285,6 +307,12 @@ def _nn_child(request: dict[str, Any]) -> dict[str, Any]:
             proxy_cache_dir=request["proxy_cache_dir"],
             resolved_overrides=request["resolved_overrides"] or None,
         )
+        accuracy = result.metrics["test"].get("accuracy")
+        marks = (
+            None
+            if accuracy is None or result.resolved_spec.get("task_type") != "classification"
+            else _bundle_marks(scratch / "bundle", request["dataset_path"], float(accuracy))
+        )
     finally:
         wall = time.monotonic() - started
         shutil.rmtree(scratch, ignore_errors=True)
@@ -301,6 +329,7 @@ def _nn_child(request: dict[str, Any]) -> dict[str, Any]:
         "best_epoch": result.curves.get("best_epoch"),
         "align_epochs_run": max(0, len(result.curves.get("alignment") or []) - 1),
         "resolved_spec": {k: v for k, v in resolved.items() if k != "reasons"},
+        **({"test_correct": marks} if marks else {}),
     }
 
 
@@ -508,6 +537,8 @@ class Cell:
     before: list[float]
     #: fine-tuning epochs actually run (early stopping may end a run before the budget)
     epochs_run: list[int] = field(default_factory=list)
+    #: per seed, the run's per-row test marks (:func:`bench.peers.correct_marks`) where it kept them
+    marks: dict[int, str] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -536,6 +567,8 @@ def collect(
         if alignment.get("after") is not None:
             cell.after.append(float(alignment["after"]))
             cell.before.append(float(alignment["before"]))
+        if result.get("test_correct"):
+            cell.marks[int(result["seed"])] = str(result["test_correct"])
     return cells
 
 
@@ -791,6 +824,28 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def paired_error(first: Cell, second: Cell) -> float | None:
+    """Standard error of the accuracy gap when both runs scored the same test rows.
+
+    Seeds both methods ran with per-row marks are paired row by row (``d = hit_a - hit_b`` in
+    {-1, 0, 1}); the error is that of the mean of ``d`` over every paired (seed, row), so only
+    rows the two models disagree on count. None when no seed has marks of equal length on both
+    sides (then :func:`_pairwise` falls back to the independent binomial error).
+    """
+    diffs: list[int] = []
+    for seed, marks in first.marks.items():
+        other = second.marks.get(seed)
+        if other is None or len(other) != len(marks):
+            continue
+        diffs += [int(x) - int(y) for x, y in zip(marks, other, strict=True)]
+    if not diffs:
+        return None
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum(d * d for d in diffs) / n - mean * mean
+    return math.sqrt(max(variance, 0.0) / n)
+
+
 def _pairwise(
     cells: Mapping[tuple[str, str], Cell],
     datasets: Sequence[str],
@@ -801,7 +856,10 @@ def _pairwise(
     """(wins, ties, losses, dataset notes) of ``first`` over ``second`` on the seed-means.
 
     A gap is a tie when it is within either method's seed spread or, for accuracy, within one
-    binomial standard error of the difference on the test split (a handful of test samples).
+    standard error of the difference on the test split (a handful of test samples): paired row
+    by row where both runs kept per-row marks (:func:`paired_error`; two models scored on the
+    same rows disagree on few of them, so this is the right error), else the independent
+    binomial error, which overstates it. Notes mark a paired comparison with ``(paired)``.
     """
     wins = ties = losses = 0
     notes = []
@@ -812,11 +870,15 @@ def _pairwise(
         metric = bench_datasets.DATASETS[dataset].metric
         diff = a.mean - b.mean if higher_is_better(metric) else b.mean - a.mean
         noise = max(a.std, b.std)
+        paired = None
         if metric == "accuracy":
+            paired = paired_error(a, b)
             n_test = max(test_sizes.get(dataset, 1), 1)
             noise = max(
                 noise,
-                math.sqrt((a.mean * (1 - a.mean) + b.mean * (1 - b.mean)) / n_test),
+                paired
+                if paired is not None
+                else math.sqrt((a.mean * (1 - a.mean) + b.mean * (1 - b.mean)) / n_test),
             )
         if abs(diff) <= noise:
             ties += 1
@@ -824,7 +886,7 @@ def _pairwise(
             wins += 1
         else:
             losses += 1
-        notes.append(f"{dataset} {diff:+.3f}")
+        notes.append(f"{dataset} {diff:+.3f}{' (paired)' if paired is not None else ''}")
     return wins, ties, losses, notes
 
 
@@ -850,7 +912,8 @@ def claims(
         return (
             f"- *{claim}* {word}: {first} vs {second} wins {wins}, ties {ties}, loses {losses} "
             f"of {total} datasets (seed-mean difference, higher = {first} better; a gap within "
-            f"the seed spread or one binomial standard error of the test split is a tie): "
+            f"the seed spread or one standard error of the test split, paired row by row where "
+            f"both kept per-row marks, is a tie): "
             f"{', '.join(notes)}."
         )
 
