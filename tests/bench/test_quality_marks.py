@@ -1,4 +1,4 @@
-"""The quality harness compares two methods row by row where both kept per-row test marks."""
+"""The quality harness: per-row test marks, the row-by-row tie rule, and the tables peer."""
 
 from __future__ import annotations
 
@@ -102,3 +102,13 @@ def test_a_neural_run_keeps_the_bundles_marks_on_test(tmp_path: Path) -> None:
     marks = body["test_correct"]
     assert len(marks) == 150 and set(marks) <= {"0", "1"}
     assert marks.count("1") / 150 == pytest.approx(body["test"]["accuracy"])
+
+
+def test_gradient_boosting_splits_a_twenty_row_table() -> None:
+    assert peers.hgb_min_leaf(398) == 20 and peers.hgb_min_leaf(20) == 2
+    arrays = ds.build_arrays("breast_cancer-10shot")
+    body = peers.run_peer("hgb", arrays, ds.DATASETS["breast_cancer-10shot"], seed=0, epochs=1)
+    marks = body["test_correct"]
+    # At scikit-learn's default leaf size it predicted one class for every row (0.374).
+    assert 0 < marks.count("1") < len(marks)
+    assert body["test"]["accuracy"] > 0.6
