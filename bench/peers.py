@@ -37,6 +37,9 @@ PEERS_FOR_KIND: dict[str, tuple[str, ...]] = {
 }
 #: the strong peer a user would pick instead of ORCA for each kind of data
 STRONG_PEER = {"series": "minirocket", "tabular": "hgb", "image": "cnn", "field": "cnn"}
+#: the simple baseline the default must never fall below (issue 8: 1-NN for series, a linear
+#: model for everything else)
+SIMPLE_PEER = {"series": "1nn", "tabular": "linear", "image": "linear", "field": "linear"}
 PEER_METHODS = ("minirocket", "1nn", "hgb", "linear", "cnn")
 #: bump when a peer's recipe changes so its cached results rerun (3: hgb's leaf size on tiny
 #: tables; its accuracy runs keep per-row marks)

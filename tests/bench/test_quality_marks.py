@@ -10,7 +10,7 @@ import torch
 
 from bench import datasets as ds
 from bench import peers
-from bench.quality import Cell, _nn_child, _pairwise, collect, paired_error
+from bench.quality import Cell, _nn_child, _pairwise, _peer_claims, collect, paired_error
 
 
 def _cell(marks: dict[int, str]) -> Cell:
@@ -112,3 +112,30 @@ def test_gradient_boosting_splits_a_twenty_row_table() -> None:
     # At scikit-learn's default leaf size it predicted one class for every row (0.374).
     assert 0 < marks.count("1") < len(marks)
     assert body["test"]["accuracy"] > 0.6
+
+
+def test_the_default_is_checked_against_its_simple_baseline_and_its_strong_peer() -> None:
+    def cell(value: float) -> Cell:
+        return Cell(values=[value], wall=[], after=[], before=[])
+
+    cells = {
+        ("GunPoint", "orca"): cell(0.95),
+        ("GunPoint", "minirocket"): cell(0.99),  # 4 points ahead: more than 3 behind
+        ("GunPoint", "1nn"): cell(0.91),
+        ("breast_cancer", "orca"): cell(0.96),
+        ("breast_cancer", "hgb"): cell(0.94),
+        ("breast_cancer", "linear"): cell(0.96),
+        ("diabetes", "orca"): cell(56.0),
+        ("diabetes", "hgb"): cell(58.6),
+        ("diabetes", "linear"): cell(57.1),
+    }
+    sizes = {"GunPoint": 150, "breast_cancer": 171, "diabetes": 133}
+    simple, strong = _peer_claims(cells, ["GunPoint", "breast_cancer", "diabetes"], sizes)
+    # GunPoint +4 over 1-NN is past one binomial error (~2.8 points); diabetes is ahead.
+    assert "wins 2, ties 1, loses 0 of 3" in simple
+    assert "GunPoint: 1nn 0.910 vs orca 0.950" in simple
+    assert "wins 1, ties 1, loses 1 of 3" in strong  # GunPoint 4 points is two errors
+    assert (
+        "within 3 points of it on 1 of 2 accuracy datasets (more than 3 behind: GunPoint -0.040)"
+        in strong
+    )
