@@ -961,12 +961,22 @@ def claims(
             word = "is undecided here"
         else:
             word = "does not hold here"
+        one_seed = all(
+            len(cell.values) <= 1
+            for (dataset, method), cell in cells.items()
+            if dataset in datasets and method in (first, second)
+        )
         return (
-            f"- *{claim}* {word}: {first} vs {second} wins {wins}, ties {ties}, loses {losses} "
-            f"of {total} datasets (seed-mean difference, higher = {first} better; a gap within "
-            f"the seed spread or one standard error of the test split, paired row by row where "
-            f"both kept per-row marks, is a tie): "
-            f"{', '.join(notes)}."
+            f"- *{claim}* {word}{' at one seed' if one_seed else ''}: {first} vs {second} wins "
+            f"{wins}, ties {ties}, loses {losses} of {total} datasets (seed-mean difference, "
+            f"higher = {first} better; a gap within the seed spread or one standard error of the "
+            f"test split, paired row by row where both kept per-row marks, is a tie"
+            + (
+                "; at one seed a regression gap has no noise estimate and counts in full"
+                if one_seed
+                else ""
+            )
+            + f"): {', '.join(notes)}."
         )
 
     lines = [

@@ -10,7 +10,15 @@ import torch
 
 from bench import datasets as ds
 from bench import peers
-from bench.quality import Cell, _nn_child, _pairwise, _peer_claims, collect, paired_error
+from bench.quality import (
+    Cell,
+    _nn_child,
+    _pairwise,
+    _peer_claims,
+    claims,
+    collect,
+    paired_error,
+)
 
 
 def _cell(marks: dict[int, str]) -> Cell:
@@ -139,3 +147,18 @@ def test_the_default_is_checked_against_its_simple_baseline_and_its_strong_peer(
         "within 3 points of it on 1 of 2 accuracy datasets (more than 3 behind: GunPoint -0.040)"
         in strong
     )
+
+
+def test_a_claim_made_from_one_seed_says_so() -> None:
+    def cell(*values: float) -> Cell:
+        return Cell(values=list(values), wall=[], after=[], before=[])
+
+    one = {("diabetes", "orca"): cell(56.0), ("diabetes", "naive-ft"): cell(56.4)}
+    line = claims(one, ["diabetes"], [], {"diabetes": 133}).splitlines()[1]
+    assert "holds here at one seed" in line and "no noise estimate" in line
+    three = {
+        ("diabetes", "orca"): cell(56.0, 56.1, 55.9),
+        ("diabetes", "naive-ft"): cell(57, 57.2, 56.9),
+    }
+    line = claims(three, ["diabetes"], [], {"diabetes": 133}).splitlines()[1]
+    assert "holds here:" in line and "one seed" not in line
