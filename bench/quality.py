@@ -272,14 +272,19 @@ def _bundle_marks(bundle_dir: Path, dataset_path: str, accuracy: float) -> str |
     """The finished bundle's per-row marks on test, or None where they would not be trusted.
 
     The bundle predicts the test rows afresh (the path a client's predict call takes); the
-    marks are kept only when they reproduce the job's own test accuracy.
+    marks are kept only when they reproduce the job's own test accuracy. A failure here is
+    logged and costs only the marks, never the finished run.
     """
     from orca_engine.predict import load_model
 
-    with np.load(dataset_path, allow_pickle=False) as data:
-        x_test, y_test = data["x_test"], data["y_test"]
-    predictor = load_model(bundle_dir)
-    marks = bench_peers.correct_marks(y_test, predictor.predict(x_test).predictions)
+    try:
+        with np.load(dataset_path, allow_pickle=False) as data:
+            x_test, y_test = data["x_test"], data["y_test"]
+        predictor = load_model(bundle_dir)
+        marks = bench_peers.correct_marks(y_test, predictor.predict(x_test).predictions)
+    except Exception:
+        logger.exception("per-row marks not kept: the bundle could not predict the test rows")
+        return None
     if abs(marks.count("1") / len(marks) - accuracy) > 1e-9:
         logger.warning(
             "bundle's test accuracy %.6f differs from the job's %.6f: per-row marks not kept",

@@ -162,3 +162,10 @@ def test_a_claim_made_from_one_seed_says_so() -> None:
     }
     line = claims(three, ["diabetes"], [], {"diabetes": 133}).splitlines()[1]
     assert "holds here:" in line and "one seed" not in line
+
+
+def test_marks_that_cannot_be_made_cost_only_the_marks(tmp_path: Path) -> None:
+    from bench.quality import _bundle_marks
+
+    data = str(ds.dataset_path("GunPoint", tmp_path))
+    assert _bundle_marks(tmp_path / "no-such-bundle", data, 0.9) is None
