@@ -4,7 +4,8 @@
 (``auto``) job on a quality-suite dataset through :func:`orca_engine.pipeline.run_job`, with
 alignment's Adam rate multiplied by ``F`` and/or only the embedder's positions and final
 LayerNorm trained during alignment (refinement is the default's either way), and prints one JSON
-line: test/val metrics, the alignment distance before/after and the wall time. It patches the
+line: test/val metrics, the alignment distance before/after and the wall time (through the
+quality harness's own run, :func:`bench.quality._nn_child`). It patches the
 engine for this process only; nothing here is part of the service. Datasets and the proxy come
 from the quality harness's cache (``bench/.cache``; built on demand). Used in docs/QUALITY.md,
 session 24.
@@ -14,16 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench import datasets as bench_datasets
-from bench.quality import BACKBONE, DEFAULT_CACHE
+from bench.quality import BACKBONE, DEFAULT_CACHE, _nn_child
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--affine-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
     import orca_engine.align as align
-    from orca_engine.pipeline import run_job
 
     real_align, real_trainable = align.align_embedder, align._make_trainable
 
@@ -53,28 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     align.align_embedder = gentler
     if args.affine_only:
         align._make_trainable = affine_only
-    scratch = Path(tempfile.mkdtemp(prefix="orca-align-probe-"))
-    started = time.monotonic()
-    try:
-        result = run_job(
-            {"dataset_id": args.dataset, "backbone": BACKBONE, "seed": args.seed},
-            bench_datasets.dataset_path(args.dataset, DEFAULT_CACHE),
-            scratch / "work",
-            bundle_dir=scratch / "bundle",
-            device="cpu",
-            proxy_cache_dir=DEFAULT_CACHE / "proxies",
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    body = _nn_child(
+        {
+            "spec": {"dataset_id": args.dataset, "backbone": BACKBONE, "seed": args.seed},
+            "dataset_path": str(bench_datasets.dataset_path(args.dataset, DEFAULT_CACHE)),
+            "device": "cpu",
+            "threads": args.threads,
+            "proxy_cache_dir": str(DEFAULT_CACHE / "proxies"),
+            "resolved_overrides": {},
+        }
+    )
     line = {
         "dataset": args.dataset,
         "seed": args.seed,
         "rate_factor": args.rate_factor,
         "affine_only": args.affine_only,
-        "test": result.metrics["test"],
-        "val": result.metrics["val"],
-        "alignment": result.metrics["alignment"],
-        "wall_s": time.monotonic() - started,
+        **{key: body[key] for key in ("test", "val", "alignment", "wall_s")},
     }
     print(json.dumps(line))
     return 0

@@ -693,14 +693,20 @@ def _cost(value: float, metric: str, n_test: int) -> float:
     return max(value, 1e-12)
 
 
-def _method_cell(cells: Mapping[tuple[str, str], Cell], dataset: str, method: str) -> Cell | None:
-    """The cell of ``method`` on ``dataset``; :data:`PEER_LINE` and :data:`SIMPLE_LINE` mean the
-    dataset kind's strong peer and simple baseline."""
+def _line_method(dataset: str, method: str) -> str:
+    """``method``, or for :data:`PEER_LINE` / :data:`SIMPLE_LINE` the dataset kind's strong
+    peer / simple baseline."""
+    kind = bench_datasets.DATASETS[dataset].kind
     if method == PEER_LINE:
-        method = bench_peers.STRONG_PEER[bench_datasets.DATASETS[dataset].kind]
-    elif method == SIMPLE_LINE:
-        method = bench_peers.SIMPLE_PEER[bench_datasets.DATASETS[dataset].kind]
-    cell = cells.get((dataset, method))
+        return bench_peers.STRONG_PEER[kind]
+    if method == SIMPLE_LINE:
+        return bench_peers.SIMPLE_PEER[kind]
+    return method
+
+
+def _method_cell(cells: Mapping[tuple[str, str], Cell], dataset: str, method: str) -> Cell | None:
+    """The cell of ``method`` on ``dataset`` (a line resolved by :func:`_line_method`)."""
+    cell = cells.get((dataset, _line_method(dataset, method)))
     return cell if cell is not None and cell.values else None
 
 
@@ -919,9 +925,7 @@ def _peer_claims(
             if peer is None or orca is None:
                 continue
             view[dataset, line] = peer
-            kind = bench_datasets.DATASETS[dataset].kind
-            name = (bench_peers.STRONG_PEER if line == PEER_LINE else bench_peers.SIMPLE_PEER)[kind]
-            rows.append((dataset, name, peer.mean, orca.mean))
+            rows.append((dataset, _line_method(dataset, line), peer.mean, orca.mean))
         if not rows:
             lines.append(f"- *{claim}*: not measured (no dataset has both orca and its {line}).")
             continue
