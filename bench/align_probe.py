@@ -1,24 +1,55 @@
 """Probe: the default job with a gentler alignment, to see how far alignment's rewrite costs.
 
-``python -m bench.align_probe DATASET SEED [--rate-factor F] [--affine-only]`` runs one default
-(``auto``) job on a quality-suite dataset through :func:`orca_engine.pipeline.run_job`, with
-alignment's Adam rate multiplied by ``F`` and/or only the embedder's positions and final
-LayerNorm trained during alignment (refinement is the default's either way), and prints one JSON
-line: test/val metrics, the alignment distance before/after and the wall time (through the
-quality harness's own run, :func:`bench.quality._nn_child`). It patches the
-engine for this process only; nothing here is part of the service. Datasets and the proxy come
+``python -m bench.align_probe DATASET SEED [--rate-factor F] [--scope auto|embedder|output]``
+runs one default (``auto``) job on a quality-suite dataset through
+:func:`orca_engine.pipeline.run_job`, with alignment's Adam rate multiplied by ``F`` and/or the
+spec's ``alignment.scope`` set (``output``: only the embedder's positions and output LayerNorm
+train during alignment; refinement is the default's either way), and prints one JSON line:
+test/val metrics, the alignment distance before/after and the wall time (through the quality
+harness's own run, :func:`bench.quality._nn_child`). The rate factor patches the engine for this
+process only; nothing here is part of the service.
+
+``--separation`` stops after alignment and prints how far apart the classes of the alignment
+rows lie in the embedder's pooled features before and after it, and in the source proxy's
+(:func:`class_separation`: leave-one-out 1-NN accuracy and the between/within scatter ratio),
+beside the distance; no refinement runs. Datasets and the proxy come
 from the quality harness's cache (``bench/.cache``; built on demand). Used in docs/QUALITY.md,
-session 24.
+sessions 24 and 25 (session 24's ``--affine-only`` is session 25's ``--scope output``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Any
 
+import numpy as np
+
 from bench import datasets as bench_datasets
 from bench.quality import BACKBONE, DEFAULT_CACHE, _nn_child
+
+#: the proxy rows class_separation reads (its pairwise distances grow with the square)
+SOURCE_ROWS = 2000
+
+
+class _AlignedOnly(BaseException):
+    """Ends the job once alignment is measured (not an Exception: nothing on the way catches it)."""
+
+
+def class_separation(features: Any, labels: Any) -> dict[str, float]:
+    """How far apart the classes lie: leave-one-out 1-NN accuracy (Euclidean) and the engine's
+    between/within scatter ratio (:func:`orca_engine.align.separation_ratio`, the guard's)."""
+    import torch
+
+    from orca_engine.align import separation_ratio
+
+    x = torch.as_tensor(np.asarray(features, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(labels))
+    distances = torch.cdist(x, x)
+    distances.fill_diagonal_(float("inf"))
+    nn1 = float((y[distances.argmin(1)] == y).double().mean())
+    return {"nn1": round(nn1, 4), "scatter_ratio": round(separation_ratio(x, y), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,41 +57,71 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=sorted(bench_datasets.DATASETS))
     parser.add_argument("seed", type=int)
     parser.add_argument("--rate-factor", type=float, default=1.0)
-    parser.add_argument("--affine-only", action="store_true")
+    parser.add_argument("--scope", choices=("auto", "embedder", "output"), default="auto")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--separation", action="store_true")
     args = parser.parse_args(argv)
+
+    import torch
 
     import orca_engine.align as align
 
-    real_align, real_trainable = align.align_embedder, align._make_trainable
+    real_align = align.align_embedder
+    measured: dict[str, Any] = {}
 
-    def gentler(*a: Any, **k: Any) -> Any:
+    def pooled(model: Any, x: Any) -> Any:
+        rows = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        return align._pooled_features(model, rows, align.EMBED_CHUNK)
+
+    def gentler(model: Any, x: Any, labels: Any, source: Any, **k: Any) -> Any:
         k["lr"] = k["lr"] * args.rate_factor
-        return real_align(*a, **k)
-
-    def affine_only(model: Any) -> None:
-        real_trainable(model)
-        for name, parameter in model.embedder.named_parameters():
-            parameter.requires_grad_(name == "positions" or name.startswith("norm."))
+        if not args.separation:
+            return real_align(model, x, labels, source, **k)
+        before = class_separation(pooled(model, x), labels)
+        result = real_align(model, x, labels, source, **k)
+        measured.update(
+            before=before,
+            after=class_separation(pooled(model, x), labels),
+            source=class_separation(
+                source.features[:SOURCE_ROWS], source.labels[:SOURCE_ROWS].numpy()
+            ),
+            alignment={"before": result.before, "after": result.after},
+        )
+        raise _AlignedOnly
 
     align.align_embedder = gentler
-    if args.affine_only:
-        align._make_trainable = affine_only
-    body = _nn_child(
-        {
-            "spec": {"dataset_id": args.dataset, "backbone": BACKBONE, "seed": args.seed},
-            "dataset_path": str(bench_datasets.dataset_path(args.dataset, DEFAULT_CACHE)),
-            "device": "cpu",
-            "threads": args.threads,
-            "proxy_cache_dir": str(DEFAULT_CACHE / "proxies"),
-            "resolved_overrides": {},
-        }
-    )
+    spec: dict[str, Any] = {"dataset_id": args.dataset, "backbone": BACKBONE, "seed": args.seed}
+    if args.scope != "auto":
+        spec["alignment"] = {"scope": args.scope}
+    request = {
+        "spec": spec,
+        "dataset_path": str(bench_datasets.dataset_path(args.dataset, DEFAULT_CACHE)),
+        "device": "cpu",
+        "threads": args.threads,
+        "proxy_cache_dir": str(DEFAULT_CACHE / "proxies"),
+        "resolved_overrides": {},
+    }
+    if args.separation:
+        with contextlib.suppress(_AlignedOnly):
+            _nn_child(request)
+        print(
+            json.dumps(
+                {
+                    "dataset": args.dataset,
+                    "seed": args.seed,
+                    "scope": args.scope,
+                    "rate_factor": args.rate_factor,
+                    "separation": measured,
+                }
+            )
+        )
+        return 0
+    body = _nn_child(request)
     line = {
         "dataset": args.dataset,
         "seed": args.seed,
         "rate_factor": args.rate_factor,
-        "affine_only": args.affine_only,
+        "scope": body.get("resolved_spec", {}).get("align_scope", args.scope),
         **{key: body[key] for key in ("test", "val", "alignment", "wall_s")},
     }
     print(json.dumps(line))

@@ -5,9 +5,16 @@ fine-tuning budget: the epochs the engine's ``auto`` recipe resolves for ``orca`
 passed explicitly to every other neural method (and to the small CNN peer). Methods:
 
 ========== ===================================================================================
-orca        the engine's default recipe, everything ``auto``: OTDD alignment, then LayerNorm-only
-            fine-tuning below 2,000 training rows and full fine-tuning from 2,000 on
-orca-full   OTDD alignment + full fine-tuning at any size (the paper's ORCA)
+orca        the engine's default recipe, everything ``auto``: OTDD alignment that hands on only
+            an embedder keeping the classes at least as far apart as they began
+            (``keep_separation``), then LayerNorm-only fine-tuning below 2,000 training rows and
+            full fine-tuning from 2,000 on
+orca-unguarded  the default with ``alignment.keep_separation: false`` (the last embedder of
+            alignment handed on whatever it did to the classes: the default until session 25)
+orca-output  the default with ``alignment.scope: output`` (alignment moves only the embedder's
+            positions and output LayerNorm)
+orca-full   OTDD alignment without the separation guard + full fine-tuning at any size (the
+            paper's ORCA)
 orca-mmd    orca-full with ``alignment.distance: mmd``
 orca-gaussian  orca-full with ``alignment.distance: otdd_gaussian``
 orca-noalign  the default recipe with ``alignment.distance: none`` and nothing else changed (the
@@ -77,9 +84,17 @@ CHILD_FLAG = "--run-one-job"
 #: JobSpec overrides per neural method (deep-merged into the base spec)
 NN_METHODS: dict[str, dict[str, Any]] = {
     "orca": {},
-    "orca-full": {"finetune": {"mode": "full"}},
-    "orca-mmd": {"alignment": {"distance": "mmd"}, "finetune": {"mode": "full"}},
-    "orca-gaussian": {"alignment": {"distance": "otdd_gaussian"}, "finetune": {"mode": "full"}},
+    "orca-unguarded": {"alignment": {"keep_separation": False}},
+    "orca-output": {"alignment": {"scope": "output"}},
+    "orca-full": {"alignment": {"keep_separation": False}, "finetune": {"mode": "full"}},
+    "orca-mmd": {
+        "alignment": {"distance": "mmd", "keep_separation": False},
+        "finetune": {"mode": "full"},
+    },
+    "orca-gaussian": {
+        "alignment": {"distance": "otdd_gaussian", "keep_separation": False},
+        "finetune": {"mode": "full"},
+    },
     "orca-noalign": {"alignment": {"distance": "none"}},
     "naive-ft": {"alignment": {"distance": "none"}, "finetune": {"mode": "full"}},
     "fpt": {"alignment": {"distance": "none"}, "finetune": {"mode": "layernorm"}},
@@ -182,6 +197,14 @@ class Planner:
             device = "cuda" if self.device.startswith("cuda") else "cpu"
             resolved = resolve_spec(dict(spec), loaded.info, device=device).to_dict()
             resolved.pop("reasons", None)
+            for name, before_the_field in (
+                ("align_scope", "embedder"),
+                ("align_keep_separation", False),
+            ):
+                if resolved.get(name) == before_the_field:
+                    # what every job did before the field existed: results stored under the
+                    # key without it (the ablations without alignment) stay valid
+                    resolved.pop(name)
             self._resolved[memo] = resolved
         return self._resolved[memo]
 

@@ -13,6 +13,18 @@ seed gives the same curve on CPU. If the distance ends above where it began, the
 with the lowest distance seen is restored. With ``state_path`` each finished epoch is checkpointed
 atomically (embedder, optimizer, curve, distance solver warm start, RNG) and a rerun resumes
 from it with the same final result.
+
+With ``keep_separation`` the embedder handed on is the one with the lowest distance among those
+whose classes (the labels, or the k-means pseudo-classes the distance itself reads) lie at least
+as far apart in the pooled features as before alignment: the ratio of between-class to
+within-class scatter (:func:`separation_ratio`) may not fall below its start. The source proxy's
+own classes barely separate, and matching them drew the task's classes together on most datasets
+(docs/QUALITY.md, session 25): an embedder that keeps them apart is never traded for a lower
+distance. The embedder before alignment always qualifies.
+
+``scope`` says which embedder weights alignment moves: ``"embedder"`` every one (ORCA's stage 2),
+``"output"`` only the learned positions and the output LayerNorm (the tokens' placement and scale
+in the backbone's space; the patch projection, stems and bank projection keep their weights).
 """
 
 from __future__ import annotations
@@ -40,19 +52,25 @@ CLASSIFICATION_TASKS = ("classification",)
 AUTO_STOP_PATIENCE = 3
 AUTO_STOP_MIN_IMPROVEMENT = 0.01
 EMBED_CHUNK = 256
+#: which embedder weights alignment trains (see the module docstring)
+ALIGN_SCOPES = ("embedder", "output")
 
 
 @dataclass
 class AlignResult:
     """Distance per epoch (``curve[0]`` before training), epochs and wall time; ``after`` is the
-    distance of the embedder handed on: the last one, or the closest one seen when the last
-    ended above ``before``."""
+    distance of the embedder handed on (``kept_epoch``): the last one, the closest one seen when
+    the last ended above ``before``, or with ``keep_separation`` the closest one that kept the
+    classes apart. ``separation``: the scatter ratio per entry of ``curve`` (empty when not
+    measured)."""
 
     curve: list[float] = field(default_factory=list)
     before: float = float("nan")
     after: float = float("nan")
     epochs_run: int = 0
     seconds: float = 0.0
+    separation: list[float] = field(default_factory=list)
+    kept_epoch: int = 0
 
 
 def alignment_labels(
@@ -81,6 +99,24 @@ def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.
     return np.sort(picked)
 
 
+def separation_ratio(features: Tensor, labels: Tensor) -> float:
+    """Between-class over within-class scatter of ``features`` (sums of squared distances to the
+    grand mean, weighted by class size, and to each class's mean); 0 when the classes coincide,
+    ``inf`` when every class is a single point."""
+    with torch.no_grad():
+        x = features.detach().double()
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        counts = torch.bincount(inverse, minlength=len(classes)).to(x.dtype)
+        means = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device)
+        means.index_add_(0, inverse, x)
+        means /= counts[:, None]
+        between = float((counts * ((means - x.mean(0)) ** 2).sum(1)).sum())
+        within = float(((x - means[inverse]) ** 2).sum())
+    if within == 0.0:
+        return float("inf") if between > 0 else 0.0
+    return between / within
+
+
 def _plateaued(curve: list[float], patience: int) -> bool:
     if len(curve) <= patience:
         return False
@@ -98,8 +134,9 @@ def _pooled_features(model: Any, x: Tensor, chunk: int) -> Tensor:
 
 def _distance_and_gradient(
     model: Any, x: Tensor, labels: Tensor, distance: Distance, chunk: int
-) -> float:
-    """Distance of the current embedder; leaves its full-batch gradient in the embedder's grads."""
+) -> tuple[float, Tensor]:
+    """Distance of the current embedder and the pooled features it was measured on; leaves its
+    full-batch gradient in the embedder's grads."""
     features = _pooled_features(model, x, chunk).requires_grad_(True)
     value = distance(features, labels)
     value.backward()
@@ -108,7 +145,23 @@ def _distance_and_gradient(
     for start in range(0, len(x), chunk):
         pooled = pool_tokens(model.embed(x[start : start + chunk]))
         pooled.backward(feature_grad[start : start + chunk].to(pooled.dtype))
-    return float(value.detach())
+    return float(value.detach()), features.detach()
+
+
+def _guard_message(name: str, curve: list[float], separation: list[float], epoch: int) -> str:
+    start, last = separation[0], separation[-1]
+    if epoch == 0:
+        return (
+            f"alignment drew the classes together (between/within scatter {last:.3g} at the "
+            f"end against {start:.3g} before) and no step kept them apart at a lower distance; "
+            f"keeping the embedder it began with ({name} {curve[0]:.6g}): alignment changes "
+            "nothing on this dataset"
+        )
+    return (
+        f"keeping the embedder of epoch {epoch} ({name} {curve[epoch]:.6g}), the closest to the "
+        f"source that keeps the classes as far apart as before (between/within scatter "
+        f"{separation[epoch]:.3g} against {start:.3g}; {last:.3g} at the end)"
+    )
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -117,7 +170,7 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _make_trainable(model: Any) -> None:
+def _make_trainable(model: Any, scope: str = "embedder") -> None:
     try:
         from orca_engine.model import set_trainable
 
@@ -129,6 +182,9 @@ def _make_trainable(model: Any) -> None:
         # Models that are not OrcaModels (no "embedder." prefix handled above) still work.
         for parameter in model.embedder.parameters():
             parameter.requires_grad_(True)
+    if scope == "output":
+        for name, parameter in model.embedder.named_parameters():
+            parameter.requires_grad_(name == "positions" or name.startswith("norm."))
 
 
 def align_embedder(
@@ -149,12 +205,18 @@ def align_embedder(
     patience: int = AUTO_STOP_PATIENCE,
     chunk_size: int = EMBED_CHUNK,
     distance_options: dict[str, Any] | None = None,
+    scope: str = "embedder",
+    keep_separation: bool = False,
 ) -> AlignResult:
     """Train ``model.embedder`` so pooled ``model.embed(x)`` approaches ``source`` under ``distance``.
 
     ``distance`` is a name for :func:`create_distance` (``"none"`` returns an empty result at
-    once) or a built :class:`Distance`. ``epochs=0`` only measures the distance.
+    once) or a built :class:`Distance`. ``epochs=0`` only measures the distance. ``scope``
+    (one of :data:`ALIGN_SCOPES`) picks the weights that train; ``keep_separation`` (see the
+    module docstring) needs at least two classes in ``target_labels`` and is off otherwise.
     """
+    if scope not in ALIGN_SCOPES:
+        raise ValueError(f"unknown alignment scope {scope!r}; expected one of {ALIGN_SCOPES}")
     started = time.perf_counter()
     callbacks = callbacks or Callbacks()
     if isinstance(distance, str) and distance == "none":
@@ -182,13 +244,17 @@ def align_embedder(
     previous_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     model.to(device)
     model.eval()
-    _make_trainable(model)
+    _make_trainable(model, scope)
     parameters = [p for p in model.embedder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=lr)
 
     curve: list[float] = []
     #: (distance, epoch, embedder state) of the lowest distance measured before a step
     best: tuple[float, int, dict[str, Tensor]] | None = None
+    guard = keep_separation and len(torch.unique(y_target)) > 1
+    #: scatter ratio per entry of ``curve`` (with the guard), and the guard's pick so far
+    separation: list[float] = []
+    guarded: tuple[float, int, dict[str, Tensor]] | None = None
     kept: tuple[float, int, dict[str, Tensor]] | None = None
     start_epoch = 0
     path = Path(state_path) if state_path is not None else None
@@ -198,6 +264,8 @@ def align_embedder(
         optimizer.load_state_dict(state["optimizer"])
         curve = list(state["curve"])
         best = state.get("best")
+        separation = list(state.get("separation", []))
+        guarded = state.get("guarded")
         start_epoch = int(state["epoch"])
         dist.load_warm_state(state["distance_warm"])
         torch.set_rng_state(state["rng"])
@@ -212,9 +280,14 @@ def align_embedder(
         while epoch < epochs and not stopped:
             epoch += 1
             optimizer.zero_grad(set_to_none=True)
-            curve.append(_distance_and_gradient(model, x_target, y_target, dist, chunk_size))
-            if best is None or curve[-1] < best[0]:
-                best = (curve[-1], len(curve) - 1, cpu_copy(model.embedder.state_dict()))
+            value, features = _distance_and_gradient(model, x_target, y_target, dist, chunk_size)
+            curve.append(value)
+            if best is None or value < best[0]:
+                best = (value, len(curve) - 1, cpu_copy(model.embedder.state_dict()))
+            if guard:
+                separation.append(separation_ratio(features, y_target))
+                if separation[-1] >= separation[0] and (guarded is None or value < guarded[0]):
+                    guarded = (value, len(curve) - 1, cpu_copy(model.embedder.state_dict()))
             optimizer.step()
             if path is not None:
                 _save_state(
@@ -227,12 +300,19 @@ def align_embedder(
                         "distance_warm": dist.warm_state(),
                         "rng": torch.get_rng_state(),
                         "best": best,
+                        "separation": separation,
+                        "guarded": guarded,
                     },
                 )
             callbacks.event(
                 f"align epoch {epoch}/{epochs}: {dist.name} {curve[-1]:.6g}",
                 kind="metric",
-                data={"stage": "align", "epoch": epoch - 1, "distance": curve[-1]},
+                data={
+                    "stage": "align",
+                    "epoch": epoch - 1,
+                    "distance": curve[-1],
+                    **({"separation": separation[-1]} if guard else {}),
+                },
             )
             callbacks.progress(
                 stage="align", step=epoch, total=epochs, metrics={"distance": curve[-1]}
@@ -242,7 +322,16 @@ def align_embedder(
         with torch.no_grad():
             features = _pooled_features(model, x_target, chunk_size)
             curve.append(float(dist(features, y_target)))
-        if best is not None and curve[-1] > curve[0]:
+        if guard:
+            separation.append(separation_ratio(features, y_target))
+            last_kept_apart = separation[-1] >= separation[0]
+            if guarded is not None and not (last_kept_apart and curve[-1] < guarded[0]):
+                model.embedder.load_state_dict(guarded[2])
+                kept = guarded
+                callbacks.event(
+                    _guard_message(dist.name, curve, separation, guarded[1]), kind="log"
+                )
+        elif best is not None and curve[-1] > curve[0]:
             # Alignment that ends farther from the source than it began (a first step too large
             # for a wide embedder) hands on the closest embedder it saw instead.
             model.embedder.load_state_dict(best[2])
@@ -263,6 +352,8 @@ def align_embedder(
         after=kept[0] if kept is not None else curve[-1],
         epochs_run=len(curve) - 1,
         seconds=time.perf_counter() - started,
+        separation=separation,
+        kept_epoch=kept[1] if kept is not None else len(curve) - 1,
     )
     callbacks.event(
         f"alignment {dist.name}: {result.before:.6g} -> {result.after:.6g} in {result.epochs_run} epochs",

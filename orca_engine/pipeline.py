@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -438,6 +439,8 @@ def _run_alignment(
         callbacks=callbacks,
         max_samples=rspec.max_samples,
         state_path=workdir / ALIGN_STATE_FILE,
+        scope=rspec.align_scope,
+        keep_separation=rspec.align_keep_separation,
     )
     record = {
         "curve": [float(v) for v in result.curve],
@@ -447,6 +450,9 @@ def _run_alignment(
         "seconds": float(result.seconds),
         "source": proxy,
         "distance": rspec.distance,
+        "kept_epoch": int(result.kept_epoch),
+        # a class of one sample each makes the ratio infinite: stored as null (JSON has no inf)
+        "separation": [float(v) if math.isfinite(v) else None for v in result.separation],
     }
     save_stage(
         workdir / ALIGN_DONE_FILE,

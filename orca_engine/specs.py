@@ -68,6 +68,8 @@ FinetuneMode = Literal["full", "layernorm", "frozen"]
 #: what a task spec may ask for: a concrete mode, or ``auto`` (resolved from the dataset size)
 RequestedFinetuneMode = Literal["auto", "full", "layernorm", "frozen"]
 Optimizer = Literal["adamw", "sgd"]
+#: which embedder weights alignment trains (orca_engine.align.ALIGN_SCOPES)
+AlignScope = Literal["embedder", "output"]
 
 MAX_SEED = 2**31 - 1
 DEFAULT_TEXT_BACKBONE = "minilm-l6"
@@ -113,6 +115,13 @@ LATE_SELECTION_START = 0.5
 REGRESSION_TASKS = ("regression", "dense_regression")
 TARGET_STEPS = {"cpu": 500, "cuda": 2000}
 ALIGN_EPOCH_CAP = {"cpu": 30, "cuda": 60}
+#: why ``alignment.keep_separation: auto`` is on (docs/QUALITY.md, session 25)
+KEEP_SEPARATION_REASON = (
+    "alignment hands on the embedder closest to the source proxy among those that keep the "
+    "classes (or the k-means pseudo-classes of a regression) at least as far apart as they "
+    "began, the embedder before alignment included: the proxy's own classes barely separate, "
+    "and matching them drew the task's classes together on 14 of the 19 quality-suite sets"
+)
 MIN_FINETUNE_EPOCHS, MAX_FINETUNE_EPOCHS = 3, 100
 #: dense tasks train this many times the epochs a point task of the same size gets: on two 1D
 #: fields they were still underfitting at the point budget (docs/QUALITY.md, session 14)
@@ -220,6 +229,10 @@ class AlignmentConfig(BaseModel):
     source: Annotated[str, Field(min_length=1, max_length=1000)] = "auto"
     epochs: Literal["auto"] | Annotated[int, Field(ge=0, le=10_000)] = "auto"
     max_samples: Annotated[int, Field(ge=10, le=100_000, strict=True)] = 5000
+    #: which embedder weights alignment trains: every one, or only positions + output LayerNorm
+    scope: AlignScope = "embedder"
+    #: hand on only an embedder that keeps the classes at least as far apart as they began
+    keep_separation: Literal["auto"] | Annotated[bool, Field(strict=True)] = "auto"
 
     @field_validator("epochs", mode="before")
     @classmethod
@@ -311,6 +324,10 @@ class ResolvedSpec(BaseModel):
     align_epochs: Annotated[int, Field(ge=0)]
     align_auto: bool
     max_samples: Annotated[int, Field(ge=1)]
+    #: embedder weights alignment trained (older jobs trained every one)
+    align_scope: AlignScope = "embedder"
+    #: alignment handed on only an embedder that kept the classes apart (older jobs: off)
+    align_keep_separation: bool = False
     finetune_mode: FinetuneMode
     finetune_epochs: Annotated[int, Field(ge=1)]
     lr: Annotated[float, Field(gt=0)]
@@ -492,6 +509,16 @@ def _check_compatibility(spec: JobSpec, info: DatasetInfo, task_type: str, metri
             "alignment.distance 'none' skips alignment, so alignment.epochs must be 'auto' or 0",
             param="alignment.epochs",
         )
+    if spec.alignment.distance == "none" and spec.alignment.scope != "embedder":
+        raise SpecError(
+            "alignment.distance 'none' skips alignment, so alignment.scope has nothing to choose",
+            param="alignment.scope",
+        )
+    if spec.alignment.distance == "none" and spec.alignment.keep_separation is True:
+        raise SpecError(
+            "alignment.distance 'none' skips alignment, so there is no separation to keep",
+            param="alignment.keep_separation",
+        )
 
 
 def image_token_budget(sample_shape: Sequence[int], cap: int) -> int:
@@ -640,6 +667,12 @@ def resolve_spec(
         )
     else:
         align_epochs, align_auto = int(spec.alignment.epochs), False
+    keep_separation = spec.alignment.keep_separation
+    if distance == "none":
+        keep_separation = False
+    elif keep_separation == "auto":
+        keep_separation = True
+        reasons["align_keep_separation"] = KEEP_SEPARATION_REASON
 
     n_train = effective_train_size(info)
     batch_size: int | str = spec.finetune.batch_size
@@ -859,6 +892,8 @@ def resolve_spec(
             align_epochs=align_epochs,
             align_auto=align_auto,
             max_samples=spec.alignment.max_samples,
+            align_scope=spec.alignment.scope,
+            align_keep_separation=bool(keep_separation),
             finetune_mode=mode,
             finetune_epochs=int(finetune_epochs),
             lr=float(lr),

@@ -248,5 +248,6 @@ def test_the_alignment_ablation_changes_nothing_but_alignment(tmp_path: Path) ->
     assert orca is not None and ablation is not None
     with_alignment, without = orca.identity["resolved"], ablation.identity["resolved"]
     changed = {key for key in with_alignment if with_alignment[key] != without.get(key)}
-    assert changed == {"distance", "align_epochs", "align_auto"}
+    # (the separation guard is part of alignment: without it there is nothing to guard)
+    assert changed == {"distance", "align_epochs", "align_auto", "align_keep_separation"}
     assert without["distance"] == "none" and without["align_epochs"] == 0

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from orca_engine.checkpoint import CONFIG_FILE
 from orca_engine.data import load_dataset
 from orca_engine.errors import JobCancelled, SpecError
 from orca_engine.metrics import compute_metrics
@@ -304,11 +305,24 @@ def minilm_job(
     return result, recorder, seconds
 
 
-def test_minilm_alignment_reduces_otdd(minilm_job: tuple[JobResult, Recorder, float]) -> None:
+def test_minilm_alignment_moves_towards_the_source_and_keeps_classes_apart(
+    minilm_job: tuple[JobResult, Recorder, float],
+) -> None:
     result, recorder, _ = minilm_job
-    alignment = result.metrics["alignment"]
-    assert alignment["after"] < alignment["before"]
-    assert len(result.curves["alignment"]) >= 2
+    alignment, curve = result.metrics["alignment"], result.curves["alignment"]
+    assert len(curve) >= 2 and min(curve) < curve[0]  # alignment moved towards the source
+    assert alignment["after"] <= alignment["before"]
+    # the separation guard (on by default) handed on the closest embedder that kept GunPoint's
+    # two classes at least as far apart as they began (the one it began with if none did), and
+    # the distance reported is that embedder's
+    record = json.loads((result.bundle_dir / CONFIG_FILE).read_text())["alignment"]
+    separation, kept = record["separation"], record["kept_epoch"]
+    assert len(separation) == len(curve) and separation[kept] >= separation[0]
+    assert alignment["after"] == pytest.approx(curve[kept])
+    apart = [
+        value for value, ratio in zip(curve, separation, strict=True) if ratio >= separation[0]
+    ]
+    assert alignment["after"] == pytest.approx(min(apart))
     assert any(kind == "choice" for kind, _ in recorder.events), "auto choices are explained"
     stages = [stage for stage, _, _ in recorder.progress_calls]
     assert stages.index("align") < stages.index("refine") < stages.index("export")

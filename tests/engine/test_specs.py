@@ -163,6 +163,37 @@ def test_distance_none_skips_alignment() -> None:
     with pytest.raises(SpecError) as raised:
         resolve_spec({"dataset_id": "d", "alignment": {"distance": "none", "epochs": 5}}, _info())
     assert raised.value.param == "alignment.epochs"
+    assert resolved.align_keep_separation is False
+    assert "align_keep_separation" not in resolved.reasons
+    for field, value in (("scope", "output"), ("keep_separation", True)):
+        with pytest.raises(SpecError) as raised:
+            resolve_spec(
+                {"dataset_id": "d", "alignment": {"distance": "none", field: value}}, _info()
+            )
+        assert raised.value.param == f"alignment.{field}"
+
+
+def test_alignment_keeps_classes_apart_by_default_and_moves_every_embedder_weight() -> None:
+    for info in (_info(), _info(**REGRESSION), _info(input_kind="tabular", sample_shape=(30,))):
+        resolved = resolve_spec(JobSpec(dataset_id="d"), info)
+        assert (resolved.align_keep_separation, resolved.align_scope) == (True, "embedder")
+        assert "apart" in resolved.reasons["align_keep_separation"]
+    # explicit values are kept and not explained
+    explicit = resolve_spec(
+        {"dataset_id": "d", "alignment": {"keep_separation": False, "scope": "output"}}, _info()
+    )
+    assert (explicit.align_keep_separation, explicit.align_scope) == (False, "output")
+    assert "align_keep_separation" not in explicit.reasons
+    for field, value in (("scope", "stem"), ("keep_separation", "yes")):
+        with pytest.raises(SpecError) as raised:
+            resolve_spec({"dataset_id": "d", "alignment": {field: value}}, _info())
+        assert raised.value.param == f"alignment.{field}"
+    # a stored spec from before the fields resolves to what those jobs did: every embedder
+    # weight moved and the last embedder handed on
+    stored = resolve_spec(JobSpec(dataset_id="d"), _info()).to_dict()
+    del stored["align_scope"], stored["align_keep_separation"]
+    old = ResolvedSpec.from_dict(stored)
+    assert (old.align_scope, old.align_keep_separation) == ("embedder", False)
 
 
 def test_task_and_metric_follow_the_labels() -> None:
