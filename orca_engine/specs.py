@@ -660,10 +660,12 @@ def resolve_spec(
         align_epochs, align_auto = ALIGN_EPOCH_CAP[kind], True
         reasons["align_epochs"] = (
             f"up to {align_epochs} epochs on {kind}, stopping early when the distance plateaus; "
-            "kept as ORCA's stage 2, not for a measured gain: on the 19 sets of the quality "
-            "suite the same job without alignment was level on 14, ahead on ArrowHead (2 points, "
-            "every seed), diabetes and Darcy, and behind on the two periodic fields "
-            "(docs/QUALITY.md, session 23); set alignment.distance 'none' to skip it"
+            "ORCA's stage 2, run on every job. With keep_separation on, the embedder handed on "
+            "is the closest to the proxy that keeps the classes apart: on the 19 sets of the "
+            "quality suite that was the embedder before alignment on most point sets (their "
+            "classes merged, and without alignment they scored as well or better) and the last "
+            "one on the two periodic fields, where alignment cut the error by a tenth to a fifth "
+            "(docs/QUALITY.md, session 25); set alignment.distance 'none' to skip it"
         )
     else:
         align_epochs, align_auto = int(spec.alignment.epochs), False

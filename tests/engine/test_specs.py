@@ -54,8 +54,8 @@ def test_auto_resolves_to_concrete_values_with_reasons() -> None:
         "otdd",
     )
     assert data["align_auto"] is True and 0 < data["align_epochs"] <= 60
-    # the job says why alignment runs though the quality suite measured no gain, and how to skip it
-    assert "not for a measured gain" in resolved.reasons["align_epochs"]
+    # the job says which embedder alignment hands on, where that helped, and how to skip it
+    assert "keeps the classes apart" in resolved.reasons["align_epochs"]
     assert "alignment.distance 'none'" in resolved.reasons["align_epochs"]
     assert data["token_budget"] == 8  # series: few long tokens through a conv stem
     # 50 train rows, 10 held out for val -> 40; batch clip(40 // 8, 8, 64) = 8
