@@ -1,6 +1,6 @@
 """Probe: the default job with a gentler alignment, to see how far alignment's rewrite costs.
 
-``python -m bench.align_probe DATASET SEED [--rate-factor F] [--scope auto|embedder|output]``
+``python -m bench.align_probe DATASET SEED [--rate-factor F] [--scope embedder|output]``
 runs one default (``auto``) job on a quality-suite dataset through
 :func:`orca_engine.pipeline.run_job`, with alignment's Adam rate multiplied by ``F`` and/or the
 spec's ``alignment.scope`` set (``output``: only the embedder's positions and output LayerNorm
@@ -12,7 +12,9 @@ process only; nothing here is part of the service.
 ``--separation`` stops after alignment and prints how far apart the classes of the alignment
 rows lie in the embedder's pooled features before and after it, and in the source proxy's
 (:func:`class_separation`: leave-one-out 1-NN accuracy and the between/within scatter ratio),
-beside the distance; no refinement runs. Datasets and the proxy come
+beside the distance; no refinement runs. It measures what alignment's steps do, so the
+separation guard (``alignment.keep_separation``) is off for it and "after" is the last
+embedder's. Datasets and the proxy come
 from the quality harness's cache (``bench/.cache``; built on demand). Used in docs/QUALITY.md,
 sessions 24 and 25 (session 24's ``--affine-only`` is session 25's ``--scope output``).
 """
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=sorted(bench_datasets.DATASETS))
     parser.add_argument("seed", type=int)
     parser.add_argument("--rate-factor", type=float, default=1.0)
-    parser.add_argument("--scope", choices=("auto", "embedder", "output"), default="auto")
+    parser.add_argument("--scope", choices=("embedder", "output"), default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--separation", action="store_true")
     args = parser.parse_args(argv)
@@ -91,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     align.align_embedder = gentler
     spec: dict[str, Any] = {"dataset_id": args.dataset, "backbone": BACKBONE, "seed": args.seed}
-    if args.scope != "auto":
+    if args.scope is not None:
         spec["alignment"] = {"scope": args.scope}
+    if args.separation:
+        spec["alignment"] = {**spec.get("alignment", {}), "keep_separation": False}
     request = {
         "spec": spec,
         "dataset_path": str(bench_datasets.dataset_path(args.dataset, DEFAULT_CACHE)),
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "dataset": args.dataset,
                     "seed": args.seed,
-                    "scope": args.scope,
+                    "scope": args.scope or "embedder",
                     "rate_factor": args.rate_factor,
                     "separation": measured,
                 }
