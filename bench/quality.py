@@ -78,6 +78,9 @@ SECTION_TITLE = "Quality"
 BACKBONE = "minilm-l6"
 SCRATCH_BACKBONE = "minilm-l6-scratch"
 RESULT_VERSION = 1
+#: resolved fields added after results were cached: at their default (what jobs did before the
+#: field existed) they stay out of a result's key, so those results are still found
+KEYED_WITHOUT_DEFAULT = ("align_scope", "align_keep_separation")
 #: hidden first argument that makes this module run one neural job (the worker side)
 CHILD_FLAG = "--run-one-job"
 
@@ -186,7 +189,7 @@ class Planner:
     def resolve(self, dataset: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         """The engine's resolved spec for ``spec`` on this dataset (no training; cached)."""
         from orca_engine.data import load_dataset
-        from orca_engine.specs import resolve_spec
+        from orca_engine.specs import ResolvedSpec, resolve_spec
 
         memo = (dataset, json.dumps(spec, sort_keys=True))
         if memo not in self._resolved:
@@ -197,13 +200,10 @@ class Planner:
             device = "cuda" if self.device.startswith("cuda") else "cpu"
             resolved = resolve_spec(dict(spec), loaded.info, device=device).to_dict()
             resolved.pop("reasons", None)
-            for name, before_the_field in (
-                ("align_scope", "embedder"),
-                ("align_keep_separation", False),
-            ):
-                if resolved.get(name) == before_the_field:
-                    # what every job did before the field existed: results stored under the
-                    # key without it (the ablations without alignment) stay valid
+            for name in KEYED_WITHOUT_DEFAULT:
+                if resolved.get(name) == ResolvedSpec.model_fields[name].default:
+                    # the field's default is what every job did before it existed: results
+                    # stored under the key without it (the ablations without alignment) stay valid
                     resolved.pop(name)
             self._resolved[memo] = resolved
         return self._resolved[memo]

@@ -99,21 +99,11 @@ def _run(backbone, task, source, **kw) -> AlignResult:
 
 
 def _run_model(model, task, source, **kw) -> AlignResult:
+    """Four OTDD steps at 0.05 on at most 100 rows; ``kw`` adds to or overrides these."""
     x, y = task
+    settings = {"distance": "otdd", "epochs": 4, "auto_stop": False, "lr": 0.05, "seed": 0}
     return align_embedder(
-        model,
-        x,
-        y,
-        source,
-        distance="otdd",
-        epochs=4,
-        auto_stop=False,
-        lr=0.05,
-        seed=0,
-        device="cpu",
-        callbacks=kw.pop("callbacks", None),
-        max_samples=100,
-        **kw,
+        model, x, y, source, **{**settings, "device": "cpu", "max_samples": 100, **kw}
     )
 
 
@@ -251,8 +241,7 @@ def seeded_bert():
 
 def _guarded(backbone, x, y, source, **kw) -> tuple[AlignResult, object]:
     model = _tabular_model(backbone, x.shape[1])
-    kw = {"distance": "otdd", "epochs": 6, "lr": 0.05, "seed": 0, "max_samples": 100, **kw}
-    return align_embedder(model, x, y, source, **kw), model
+    return _run_model(model, (x, y), source, **{"epochs": 6, **kw}), model
 
 
 def test_separation_ratio_is_between_over_within_scatter() -> None:
