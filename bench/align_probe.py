@@ -17,6 +17,13 @@ separation guard (``alignment.keep_separation``) is off for it and "after" is th
 embedder's. Datasets and the proxy come
 from the quality harness's cache (``bench/.cache``; built on demand). Used in docs/QUALITY.md,
 sessions 24 and 25 (session 24's ``--affine-only`` is session 25's ``--scope output``).
+
+``--hold-separation W`` adds a term to alignment's objective that holds the classes apart:
+``W * d0 * relu(log(HOLD_MARGIN * r0) - log r)``, with ``r`` the scatter ratio of the task's
+classes in the pooled features (``r0``, ``d0``: the ratio and the distance at the first step),
+differentiated beside the distance through the same features (:func:`_held_apart`). With the
+guard on (the default job) the embedder handed on is then the closest one whose classes lie
+at least as far apart as at the start, as before. Used in docs/QUALITY.md, session 26.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from bench.quality import BACKBONE, DEFAULT_CACHE, _nn_child
 
 #: the proxy rows class_separation reads (its pairwise distances grow with the square)
 SOURCE_ROWS = 2000
+#: ``--hold-separation`` pushes back once the scatter ratio falls below this multiple of its start
+HOLD_MARGIN = 1.05
 
 
 class _AlignedOnly(BaseException):
@@ -54,6 +63,51 @@ def class_separation(features: Any, labels: Any) -> dict[str, float]:
     return {"nn1": round(nn1, 4), "scatter_ratio": round(separation_ratio(x, y), 4)}
 
 
+def scatter_ratio_tensor(features: Any, labels: Any) -> Any:
+    """The engine's between/within scatter ratio, differentiable in ``features``."""
+    import torch
+
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(classes)).to(features.dtype)
+    sums = torch.zeros(len(classes), features.shape[1], dtype=features.dtype)
+    means = sums.index_add(0, inverse, features) / counts[:, None]
+    between = (counts * ((means - features.mean(0)) ** 2).sum(1)).sum()
+    return between / ((features - means[inverse]) ** 2).sum()
+
+
+def _held_apart(weight: float) -> Any:
+    """A stand-in for ``orca_engine.align._distance_and_gradient`` whose gradient also holds the
+    task's classes apart (see ``--hold-separation``); returns the distance alone, like it."""
+    import math
+
+    import torch
+
+    import orca_engine.align as align
+    from orca_engine.distances import pool_tokens
+
+    start: dict[str, float] = {}
+
+    def distance_and_gradient(model: Any, x: Any, labels: Any, distance: Any, chunk: int) -> Any:
+        features = align._pooled_features(model, x, chunk).requires_grad_(True)
+        value = distance(features, labels)
+        objective = value
+        if len(torch.unique(labels)) > 1:
+            ratio = scatter_ratio_tensor(features.double(), labels)
+            start.setdefault("ratio", float(ratio.detach()))
+            start.setdefault("distance", float(value.detach()))
+            floor = math.log(HOLD_MARGIN * start["ratio"])
+            hold = weight * start["distance"] * torch.relu(floor - torch.log(ratio))
+            objective = value + hold.to(value.dtype)
+        objective.backward()
+        feature_grad = features.grad
+        for first in range(0, len(x), chunk):
+            pooled = pool_tokens(model.embed(x[first : first + chunk]))
+            pooled.backward(feature_grad[first : first + chunk].to(pooled.dtype))
+        return float(value.detach()), features.detach()
+
+    return distance_and_gradient
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.align_probe")
     parser.add_argument("dataset", choices=sorted(bench_datasets.DATASETS))
@@ -62,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scope", choices=("embedder", "output"), default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--separation", action="store_true")
+    parser.add_argument("--hold-separation", type=float, default=0.0, metavar="W")
     args = parser.parse_args(argv)
 
     import torch
@@ -92,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         raise _AlignedOnly
 
     align.align_embedder = gentler
+    if args.hold_separation > 0:
+        align._distance_and_gradient = _held_apart(args.hold_separation)
     spec: dict[str, Any] = {"dataset_id": args.dataset, "backbone": BACKBONE, "seed": args.seed}
     if args.scope is not None:
         spec["alignment"] = {"scope": args.scope}
@@ -115,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seed": args.seed,
                     "scope": args.scope or "embedder",
                     "rate_factor": args.rate_factor,
+                    "hold_separation": args.hold_separation,
                     "separation": measured,
                 }
             )
@@ -125,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": args.dataset,
         "seed": args.seed,
         "rate_factor": args.rate_factor,
+        "hold_separation": args.hold_separation,
         "scope": body.get("resolved_spec", {}).get("align_scope", args.scope),
         **{key: body[key] for key in ("test", "val", "alignment", "wall_s")},
     }

@@ -107,20 +107,28 @@ def _stdlib_module_names() -> Iterator[str]:
                     yield info.name
 
 
-def collect_sentences(max_sentences: int) -> list[str]:
-    """Deduplicated prose sentences from the stdlib, in module-name order."""
-    names = sorted(_stdlib_module_names())
+def collect_sentences_with_modules() -> Iterator[tuple[str, str]]:
+    """Deduplicated prose sentences from the stdlib, in module-name order, each with the name of
+    the module whose docstrings it came from (its first occurrence)."""
     seen: set[str] = set()
-    sentences: list[str] = []
-    for name in names:
+    for name in sorted(_stdlib_module_names()):
         for doc in _docstrings(name):
             for sentence in _paragraph_sentences(doc):
                 sentence = " ".join(sentence.split())
                 key = sentence.lower()
                 if key not in seen and is_prose(sentence):
                     seen.add(key)
-                    sentences.append(sentence)
-    return sentences[:max_sentences]
+                    yield sentence, name
+
+
+def collect_sentences(max_sentences: int) -> list[str]:
+    """Deduplicated prose sentences from the stdlib, in module-name order."""
+    sentences: list[str] = []
+    for sentence, _ in collect_sentences_with_modules():
+        if len(sentences) == max_sentences:
+            break
+        sentences.append(sentence)
+    return sentences
 
 
 def main() -> None:
