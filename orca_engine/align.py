@@ -270,6 +270,15 @@ def align_embedder(
         dist.load_warm_state(state["distance_warm"])
         torch.set_rng_state(state["rng"])
         logger.info("alignment resumes after epoch %d", start_epoch)
+        if guard and len(separation) != len(curve):
+            # A state written without the guard's measurements (an unguarded run, or one from
+            # before the guard existed) has lost where the classes began: no guard this time.
+            guard, separation, guarded = False, [], None
+            callbacks.event(
+                "alignment resumed from a state without class-separation measurements; "
+                "the separation guard is off for the rest of this alignment",
+                kind="log",
+            )
 
     # The embedder reads the same target series every epoch: its kernel bank remembers them.
     remembering = contextlib.ExitStack()

@@ -304,3 +304,30 @@ def test_a_guarded_alignment_resumes_to_the_same_choice(seeded_bert, task, tmp_p
     resumed, _ = _guarded(seeded_bert, x, y, source, keep_separation=True, state_path=state)
     assert (resumed.curve, resumed.separation) == (whole.curve, whole.separation)
     assert (resumed.kept_epoch, resumed.after) == (whole.kept_epoch, whole.after)
+
+
+class EventLog(Callbacks):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def event(self, message: str, *, kind: str = "log", data=None) -> None:
+        self.lines.append(message)
+
+
+def test_a_guarded_resume_of_an_unguarded_state_turns_the_guard_off(
+    seeded_bert, task, tmp_path: Path
+) -> None:
+    x, y = task
+    source = build_proxy("english-text", seeded_bert, n_samples=120, seed=0)
+    whole, _ = _guarded(seeded_bert, x, y, source)
+    state = tmp_path / "align.pt"
+    with pytest.raises(JobCancelled):
+        _guarded(seeded_bert, x, y, source, state_path=state, callbacks=InterruptAt(3))
+    # the same alignment, now asked to guard: where the classes began was never measured
+    log = EventLog()
+    resumed, _ = _guarded(
+        seeded_bert, x, y, source, keep_separation=True, state_path=state, callbacks=log
+    )
+    assert resumed.separation == [] and resumed.curve == whole.curve
+    assert (resumed.kept_epoch, resumed.after) == (whole.kept_epoch, whole.after)
+    assert any("separation guard is off" in line for line in log.lines)
