@@ -47,7 +47,7 @@ bench-quick: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy orca_engine api worker cli
+	$(BIN)/mypy orca_engine api worker cli bench
 	$(BIN)/lint-imports
 
 format: install

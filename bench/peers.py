@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -48,9 +48,10 @@ CNN_LR = 1e-3
 CNN_BATCH = 32
 CNN_VAL_FRACTION = 0.2
 FIELD_DILATIONS = (1, 2, 4, 8)
+Padding = Literal["zeros", "circular"]
 #: fields: each padding is trained and the one with the lower validation error kept (periodic
 #: fields want circular, bounded ones zeros; a user would try both)
-FIELD_PADDINGS = ("zeros", "circular")
+FIELD_PADDINGS: tuple[Padding, ...] = ("zeros", "circular")
 
 
 def applies(method: str, meta: DatasetMeta) -> bool:
@@ -129,7 +130,7 @@ def _linear(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.nda
 
 
 def _cnn_model(
-    meta: DatasetMeta, in_channels: int, n_classes: int, padding: str = "zeros"
+    meta: DatasetMeta, in_channels: int, n_classes: int, padding: Padding = "zeros"
 ) -> nn.Module:
     if meta.kind == "image":
         return nn.Sequential(
@@ -226,7 +227,8 @@ def _cnn(arrays: Arrays, meta: DatasetMeta, seed: int, epochs: int) -> np.ndarra
         return model, best_score
 
     candidates = []
-    for padding in ("zeros",) if meta.kind == "image" else FIELD_PADDINGS:
+    paddings: tuple[Padding, ...] = ("zeros",) if meta.kind == "image" else FIELD_PADDINGS
+    for padding in paddings:
         torch.manual_seed(seed)
         candidates.append(fit(_cnn_model(meta, x_train.shape[1], n_classes, padding)))
     model = max(candidates, key=lambda pair: pair[1])[0]

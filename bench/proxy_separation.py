@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from orca_engine.proxies import TEXT_MAX_TOKENS, load_sentences
 
     torch.set_num_threads(args.threads)
-    backbone = create_backbone(BACKBONE)
+    backbone: Any = create_backbone(BACKBONE)
     sentences = load_sentences()
     picks = np.random.default_rng(args.seed).choice(len(sentences), size=args.rows, replace=False)
     every = backbone.tokenizer(sentences, add_special_tokens=False)["input_ids"]
