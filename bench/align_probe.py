@@ -76,35 +76,28 @@ def scatter_ratio_tensor(features: Any, labels: Any) -> Any:
 
 
 def _held_apart(weight: float) -> Any:
-    """A stand-in for ``orca_engine.align._distance_and_gradient`` whose gradient also holds the
-    task's classes apart (see ``--hold-separation``); returns the distance alone, like it."""
+    """A stand-in for ``orca_engine.align._distance_and_gradient`` whose objective also holds
+    the task's classes apart (see ``--hold-separation``), through the engine's ``extra`` term."""
     import math
 
     import torch
 
     import orca_engine.align as align
-    from orca_engine.distances import pool_tokens
 
+    real = align._distance_and_gradient
     start: dict[str, float] = {}
 
+    def hold(features: Any, labels: Any, value: Any) -> Any:
+        if len(torch.unique(labels)) < 2:
+            return torch.zeros((), dtype=value.dtype)
+        ratio = scatter_ratio_tensor(features.double(), labels)
+        start.setdefault("ratio", float(ratio.detach()))
+        start.setdefault("distance", float(value.detach()))
+        floor = math.log(HOLD_MARGIN * start["ratio"])
+        return (weight * start["distance"] * torch.relu(floor - torch.log(ratio))).to(value.dtype)
+
     def distance_and_gradient(model: Any, x: Any, labels: Any, distance: Any, chunk: int) -> Any:
-        features = align._pooled_features(model, x, chunk).requires_grad_(True)
-        value = distance(features, labels)
-        objective = value
-        if len(torch.unique(labels)) > 1:
-            ratio = scatter_ratio_tensor(features.double(), labels)
-            start.setdefault("ratio", float(ratio.detach()))
-            start.setdefault("distance", float(value.detach()))
-            floor = math.log(HOLD_MARGIN * start["ratio"])
-            hold = weight * start["distance"] * torch.relu(floor - torch.log(ratio))
-            objective = value + hold.to(value.dtype)
-        objective.backward()
-        feature_grad = features.grad
-        assert feature_grad is not None
-        for first in range(0, len(x), chunk):
-            pooled = pool_tokens(model.embed(x[first : first + chunk]))
-            pooled.backward(feature_grad[first : first + chunk].to(pooled.dtype))
-        return float(value.detach()), features.detach()
+        return real(model, x, labels, distance, chunk, extra=hold)
 
     return distance_and_gradient
 

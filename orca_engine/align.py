@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,20 @@ def _pooled_features(model: Any, x: Tensor, chunk: int) -> Tensor:
 
 
 def _distance_and_gradient(
-    model: Any, x: Tensor, labels: Tensor, distance: Distance, chunk: int
+    model: Any,
+    x: Tensor,
+    labels: Tensor,
+    distance: Distance,
+    chunk: int,
+    extra: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[float, Tensor]:
     """Distance of the current embedder and the pooled features it was measured on; leaves its
-    full-batch gradient in the embedder's grads."""
+    full-batch gradient in the embedder's grads. ``extra(features, labels, distance)``, when
+    given, is a term added to the objective before differentiating (benchmark probes)."""
     features = _pooled_features(model, x, chunk).requires_grad_(True)
     value = distance(features, labels)
-    value.backward()
+    objective = value if extra is None else value + extra(features, labels, value)
+    objective.backward()
     feature_grad = features.grad
     assert feature_grad is not None
     for start in range(0, len(x), chunk):
