@@ -63,18 +63,6 @@ def class_separation(features: Any, labels: Any) -> dict[str, float]:
     return {"nn1": round(nn1, 4), "scatter_ratio": round(separation_ratio(x, y), 4)}
 
 
-def scatter_ratio_tensor(features: Any, labels: Any) -> Any:
-    """The engine's between/within scatter ratio, differentiable in ``features``."""
-    import torch
-
-    classes, inverse = torch.unique(labels, return_inverse=True)
-    counts = torch.bincount(inverse, minlength=len(classes)).to(features.dtype)
-    sums = torch.zeros(len(classes), features.shape[1], dtype=features.dtype)
-    means = sums.index_add(0, inverse, features) / counts[:, None]
-    between = (counts * ((means - features.mean(0)) ** 2).sum(1)).sum()
-    return between / ((features - means[inverse]) ** 2).sum()
-
-
 def _held_apart(weight: float) -> Any:
     """A stand-in for ``orca_engine.align._distance_and_gradient`` whose objective also holds
     the task's classes apart (see ``--hold-separation``), through the engine's ``extra`` term."""
@@ -85,12 +73,14 @@ def _held_apart(weight: float) -> Any:
     import orca_engine.align as align
 
     real = align._distance_and_gradient
+    scatter = align.class_scatter
     start: dict[str, float] = {}
 
     def hold(features: Any, labels: Any, value: Any) -> Any:
         if len(torch.unique(labels)) < 2:
             return torch.zeros((), dtype=value.dtype)
-        ratio = scatter_ratio_tensor(features.double(), labels)
+        between, within = scatter(features.double(), labels)
+        ratio = between / within
         start.setdefault("ratio", float(ratio.detach()))
         start.setdefault("distance", float(value.detach()))
         floor = math.log(HOLD_MARGIN * start["ratio"])

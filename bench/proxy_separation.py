@@ -58,11 +58,16 @@ def _padded(rows: list[list[int]]) -> tuple[Any, Any]:
     return ids, mask
 
 
-def _measure(backbone: Any, rows: list[list[int]], labels: np.ndarray) -> dict[str, float]:
+def _embedded(backbone: Any, rows: list[list[int]]) -> Any:
+    """Token-id rows of any lengths through the proxy's own pooling (non-padding tokens)."""
     from orca_engine.proxies import embed_token_ids
 
     ids, mask = _padded(rows)
-    return class_separation(embed_token_ids(backbone, ids, mask).numpy(), labels)
+    return embed_token_ids(backbone, ids, mask)
+
+
+def _measure(backbone: Any, rows: list[list[int]], labels: np.ndarray) -> dict[str, float]:
+    return class_separation(_embedded(backbone, rows).numpy(), labels)
 
 
 def kmeans_spans(
@@ -70,7 +75,6 @@ def kmeans_spans(
 ) -> dict[str, float]:
     """Spans of ``width`` tokens (None: whole sentences with special tokens), k-means labels."""
     from orca_engine.distances import kmeans_labels
-    from orca_engine.proxies import embed_token_ids
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -82,8 +86,7 @@ def kmeans_spans(
         else:
             start = int(rng.integers(0, len(tokens) - width + 1))
             rows.append(tokens[start : start + width])
-    ids, mask = _padded(rows)
-    features = embed_token_ids(backbone, ids, mask)
+    features = _embedded(backbone, rows)
     return class_separation(features.numpy(), kmeans_labels(features, k, seed))
 
 
@@ -111,6 +114,8 @@ def centre_token_windows(
 
 def module_topics(backbone: Any, rows: int, seed: int, k: int) -> dict[str, float]:
     """Whole sentences labelled by their stdlib package, the ``k`` largest packages."""
+    from orca_engine.proxies import TEXT_MAX_TOKENS
+
     walk = subprocess.run(
         [sys.executable, "-c", _MODULE_WALK], capture_output=True, text=True, check=True
     )
@@ -120,8 +125,8 @@ def module_topics(backbone: Any, rows: int, seed: int, k: int) -> dict[str, floa
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(chosen), size=min(rows, len(chosen)), replace=False)
     sentences = [chosen[p][0] for p in picks]
-    encoded = backbone.tokenizer(sentences, truncation=True, max_length=64)["input_ids"]
-    return _measure(backbone, encoded, np.array([chosen[p][1] for p in picks]))
+    encoded = backbone.tokenizer(sentences, truncation=True, max_length=TEXT_MAX_TOKENS)
+    return _measure(backbone, encoded["input_ids"], np.array([chosen[p][1] for p in picks]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,19 +100,24 @@ def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.
     return np.sort(picked)
 
 
+def class_scatter(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(between, within)``: sums of squared distances of ``features`` to the grand mean,
+    weighted by class size, and to each row's class mean; differentiable in ``features``."""
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(classes)).to(features.dtype)
+    sums = torch.zeros(
+        len(classes), features.shape[1], dtype=features.dtype, device=features.device
+    )
+    means = sums.index_add(0, inverse, features) / counts[:, None]
+    between = (counts * ((means - features.mean(0)) ** 2).sum(1)).sum()
+    return between, ((features - means[inverse]) ** 2).sum()
+
+
 def separation_ratio(features: Tensor, labels: Tensor) -> float:
-    """Between-class over within-class scatter of ``features`` (sums of squared distances to the
-    grand mean, weighted by class size, and to each class's mean); 0 when the classes coincide,
-    ``inf`` when every class is a single point."""
+    """Between-class over within-class scatter of ``features`` (:func:`class_scatter`); 0 when
+    the classes coincide, ``inf`` when every class is a single point."""
     with torch.no_grad():
-        x = features.detach().double()
-        classes, inverse = torch.unique(labels, return_inverse=True)
-        counts = torch.bincount(inverse, minlength=len(classes)).to(x.dtype)
-        means = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device)
-        means.index_add_(0, inverse, x)
-        means /= counts[:, None]
-        between = float((counts * ((means - x.mean(0)) ** 2).sum(1)).sum())
-        within = float(((x - means[inverse]) ** 2).sum())
+        between, within = (float(v) for v in class_scatter(features.detach().double(), labels))
     if within == 0.0:
         return float("inf") if between > 0 else 0.0
     return between / within

@@ -30,17 +30,17 @@ def test_the_papers_orca_and_the_old_default_align_without_the_guard() -> None:
     assert "alignment" not in NN_METHODS["orca"]  # the default: everything auto
 
 
-def test_the_differentiable_scatter_ratio_is_the_guards() -> None:
+def test_the_guards_scatter_is_differentiable() -> None:
     import torch
 
-    from bench.align_probe import scatter_ratio_tensor
-    from orca_engine.align import separation_ratio
+    from orca_engine.align import class_scatter, separation_ratio
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(60) % 3
     features = torch.randn(60, 5, generator=generator, dtype=torch.float64) + labels[:, None]
     features.requires_grad_(True)
-    ratio = scatter_ratio_tensor(features, labels)
+    between, within = class_scatter(features, labels)
+    ratio = between / within
     assert float(ratio.detach()) == pytest.approx(separation_ratio(features, labels), rel=1e-12)
     ratio.backward()
     assert features.grad is not None and float(features.grad.abs().sum()) > 0
